@@ -1,0 +1,1 @@
+"""Model families (`mot`, later `duet`, `mmi`) and the pieces they share (`common`)."""

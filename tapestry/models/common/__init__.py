@@ -1,0 +1,1 @@
+"""Pieces every model family shares: flow matching, guidance, norms, positions, embeddings."""

@@ -1,0 +1,1 @@
+"""The unified mixture-of-transformers family (Inset / ILLUME-X / BAGEL layout)."""
