@@ -603,7 +603,16 @@ def to_image_first(doc: Document) -> Document:
             rest.append(TextSegment(replace_slots(s.text, [b.slot for b in mine], phrases), s.role))
         else:
             rest.append(s)
-    return Document(doc.id, leading + rest, dict(doc.meta))
+    out = Document(doc.id, leading + rest, dict(doc.meta))
+    # Defined means invertible: surrounding text could, in rare spellings, merge with a phrase.
+    try:
+        invertible = to_inline(out).to_dict() == doc.to_dict()
+    except LayoutError:
+        invertible = False
+    if not invertible:
+        raise LayoutError(f"document {doc.id!r}: the text around its slots would make the ordinal "
+                          "phrases ambiguous, so the image-first layout is not defined for it")
+    return out
 
 
 def to_inline(doc: Document) -> Document:

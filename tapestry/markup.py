@@ -159,9 +159,9 @@ def ordinal_phrase(k: int) -> str:
     return f"the {k}{suffix} image"
 
 
-ORDINAL_PATTERN = re.compile(
-    r"\bthe (" + "|".join(_ORDINAL_WORDS) + r"|[0-9]+(?:st|nd|rd|th)) image\b"
-)
+# No word boundaries: a slot glued to a word ("<img:a/>s") becomes "the first images", and the
+# way back must still find the phrase.
+ORDINAL_PATTERN = re.compile(r"the (" + "|".join(_ORDINAL_WORDS) + r"|[0-9]+(?:st|nd|rd|th)) image")
 
 
 def ordinal_value(word: str) -> int:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -46,7 +47,11 @@ def decode_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         raise ImageRefused(f"file of {len(data)} bytes exceeds the limit of {limits.max_image_bytes}")
     try:
         # Image.open reads the header only, so the size check below runs before decoding.
-        with Image.open(io.BytesIO(data)) as image:
+        # PIL's own bomb warning is silenced: our limit (stricter by default) decides.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             if image.format not in FORMAT_EXTENSIONS:
                 raise ImageRefused(
                     f"unsupported image format {image.format or 'unknown'} (use PNG, JPEG or WebP)")
@@ -321,7 +326,8 @@ def scan(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> Iterator[L
             return
         found = False
         for dirpath, dirnames, filenames in os.walk(path):
-            dirnames.sort()
+            # Hidden folders include the temporaries of interrupted atomic writes.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             here = Path(dirpath)
             if DOC_FILE in filenames:
                 dirnames.clear()  # a document folder's subfolders hold its images
@@ -442,12 +448,14 @@ def save_shard(docs: Iterable[Document], path: str | os.PathLike, start: int = 0
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
-            for n, doc in enumerate(docs, start=start):
-                record, files = _stored_dict(doc, lambda k, seg, ext: f"{k}.{ext}")
-                sample: dict[str, Any] = {"__key__": shard_key(n),
-                                          "json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
-                for src, data in files:
-                    sample[src] = data
-                writer.write(sample)
-            writer.close()
+            try:
+                for n, doc in enumerate(docs, start=start):
+                    record, files = _stored_dict(doc, lambda k, seg, ext: f"{k}.{ext}")
+                    sample: dict[str, Any] = {"__key__": shard_key(n),
+                                              "json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
+                    for src, data in files:
+                        sample[src] = data
+                    writer.write(sample)
+            finally:
+                writer.close()
     return path
