@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import tapestry
 from tapestry.errors import TapestryError
@@ -40,7 +41,7 @@ def _root(
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one clear error line to stderr and return the Exit to raise."""
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -86,7 +87,7 @@ def validate(
                     if json_output:
                         print(json.dumps(problem.to_json(), ensure_ascii=False))
                     else:
-                        console.print(f"[red]✗[/] {problem}", markup=True)
+                        console.print(f"[red]✗[/] {escape(str(problem))}")
     if json_output:
         print(json.dumps({"checked": checked, "invalid": invalid}))
     else:
@@ -134,7 +135,7 @@ def view(
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     for loaded in samples:
         for problem in loaded.problems:
-            err.print(f"[red]✗[/] {problem}")
+            err.print(f"[red]✗[/] {escape(str(problem))}")
     if not quiet:
         print(f"wrote {out} ({len(samples) - invalid} document(s), {invalid} invalid)")
     if invalid:
@@ -145,7 +146,7 @@ def main() -> None:
     try:
         app()
     except TapestryError as e:  # an input mistake found late still ends in one clear line
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 
 

@@ -231,6 +231,15 @@ def parse_document(
     obj: Any, source: str = MEMORY, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[Document | None, list[Problem]]:
     """JSON-like object -> (Document or None, every problem). Never raises on bad input."""
+    doc, problems = parse_document_partially(obj, source, limits)
+    return (None if problems else doc), problems
+
+
+def parse_document_partially(
+    obj: Any, source: str = MEMORY, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Document | None, list[Problem]]:
+    """Like `parse_document`, but also returns the Document when only its structure is wrong
+    (slots, names, limits), so loaders can go on checking its image files and report those too."""
     if not isinstance(obj, dict):
         return None, [Problem(source, f"a document must be a JSON object, got {_kind(obj)}")]
     sample_id = obj.get("id")
@@ -267,8 +276,7 @@ def parse_document(
     if problems:
         return None, problems
     doc = Document(sample_id, segments, meta)  # type: ignore[arg-type]
-    problems = _validate_structure(doc, source, limits)
-    return (None if problems else doc), problems
+    return doc, _validate_structure(doc, source, limits)
 
 
 def _parse_segment(raw: Any, i: int, add) -> Segment | None:

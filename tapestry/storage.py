@@ -26,7 +26,7 @@ from tapestry.document import (
     Document,
     ImageSegment,
     Limits,
-    parse_document,
+    parse_document_partially,
 )
 from tapestry.errors import DocumentError, Problem, TapestryError
 
@@ -196,10 +196,11 @@ class Loaded:
 
 
 def _load_obj(obj: Any, root_read: Callable[[str], bytes], source: str, limits: Limits) -> Loaded:
-    doc, problems = parse_document(obj, source, limits)
+    doc, problems = parse_document_partially(obj, source, limits)
     if doc is None:
         return Loaded(source, None, problems)
-    problems = attach_images(doc, root_read, source, limits)
+    problems = problems + attach_images(doc, root_read, source, limits)
+    problems.sort(key=lambda p: (p.segment if p.segment is not None else -1))  # stable: keeps column order
     return Loaded(source, None if problems else doc, problems)
 
 
