@@ -268,65 +268,64 @@ def parse_document_partially(
         add(f"{len(raw_segments)} segments exceed the limit of {limits.max_segments}", field_name="segments")
         raw_segments = raw_segments[: limits.max_segments]
 
-    segments: list[Segment] = []
-    for i, raw in enumerate(raw_segments):
-        segment = _parse_segment(raw, i, add)
-        if segment is not None:
-            segments.append(segment)
-    if problems:
-        return None, problems
-    doc = Document(sample_id, segments, meta)  # type: ignore[arg-type]
-    return doc, _validate_structure(doc, source, limits)
+    # Bad segments become placeholders so the indices of later segments (and of [imgK] slots)
+    # stay right and the structural checks below can still report their own problems.
+    segments = [_parse_segment(raw, i, add) for i, raw in enumerate(raw_segments)]
+    doc = Document(sample_id if isinstance(sample_id, str) else "", segments, meta)
+    reported = {(p.segment, p.field) for p in problems}
+    for problem in _validate_structure(doc, source, limits):
+        if (problem.segment, problem.field) not in reported:
+            problems.append(problem)
+    return doc, problems
 
 
-def _parse_segment(raw: Any, i: int, add) -> Segment | None:
+def _parse_segment(raw: Any, i: int, add) -> Segment:
+    """A segment from its JSON object; each bad field is reported and replaced by a neutral value."""
     if not isinstance(raw, dict):
         add(f"a segment must be an object, got {_kind(raw)}", i)
-        return None
+        return TextSegment("")
     kind = raw.get("type")
     if kind == "text":
         for key in sorted(set(raw) - _TEXT_KEYS, key=str):
             add(f"unknown field {key!r} of a text segment (allowed: type, text, role)", i, str(key))
         text = raw.get("text")
         role = raw.get("role", "context")
-        ok = True
         if not isinstance(text, str):
             add(f"'text' must be a string, got {_kind(text)}", i, "text")
-            ok = False
+            text = ""
         if role not in TEXT_ROLES:
             add(f"text role must be one of {', '.join(TEXT_ROLES)}, got {role!r}", i, "role")
-            ok = False
-        return TextSegment(text, role) if ok else None
+            role = "context"
+        return TextSegment(text, role)
     if kind == "image":
         for key in sorted(set(raw) - _IMAGE_KEYS, key=str):
             add(
                 f"unknown field {key!r} of an image segment "
                 "(allowed: type, name, src, role, width, height, meta)", i, str(key),
             )
-        ok = True
+        values = dict(raw)
         role = raw.get("role", "context")
         if role not in IMAGE_ROLES:
             add(f"image role must be one of {', '.join(IMAGE_ROLES)}, got {role!r}", i, "role")
-            ok = False
+            # Checking a bad role as a target would hide a missing src; as context it would not.
+            role = "context"
         for key in ("name", "src"):
             if key in raw and not isinstance(raw[key], str):
                 add(f"{key!r} must be a string, got {_kind(raw[key])}", i, key)
-                ok = False
+                values[key] = None
         for key in ("width", "height"):
             if key in raw and (not isinstance(raw[key], int) or isinstance(raw[key], bool)):
                 add(f"{key!r} must be an integer number of pixels, got {_kind(raw[key])}", i, key)
-                ok = False
+                values[key] = None
         if "meta" in raw and not isinstance(raw["meta"], dict):
             add(f"'meta' must be an object, got {_kind(raw['meta'])}", i, "meta")
-            ok = False
-        if not ok:
-            return None
+            values["meta"] = {}
         return ImageSegment(
-            role=role, name=raw.get("name"), src=raw.get("src"), width=raw.get("width"),
-            height=raw.get("height"), meta=raw.get("meta", {}),
+            role=role, name=values.get("name"), src=values.get("src"), width=values.get("width"),
+            height=values.get("height"), meta=values.get("meta") or {},
         )
     add(f"segment 'type' must be 'text' or 'image', got {raw.get('type')!r}", i, "type")
-    return None
+    return TextSegment("")
 
 
 def _kind(value: Any) -> str:
@@ -339,7 +338,7 @@ def _kind(value: Any) -> str:
 # ------------------------------------------------------------ structural checks
 def _validate_structure(doc: Document, source: str, limits: Limits) -> list[Problem]:
     problems: list[Problem] = []
-    sample_id = doc.id if isinstance(doc.id, str) else None
+    sample_id = doc.id if isinstance(doc.id, str) and doc.id else None
 
     def add(reason: str, segment: int | None = None, field_name: str | None = None,
             line: int | None = None, column: int | None = None) -> None:
@@ -418,7 +417,7 @@ def _check_json_meta(meta: dict, limits: Limits, add) -> None:
 
 def _bind(doc: Document, source: str) -> tuple[list[Binding], list[Problem]]:
     """Bind every slot of every text segment to an image segment; collect every mistake."""
-    sample_id = doc.id if isinstance(doc.id, str) else None
+    sample_id = doc.id if isinstance(doc.id, str) and doc.id else None
     image_positions = doc.image_indices()
     by_name = {
         s.name: i for i, s in enumerate(doc.segments) if isinstance(s, ImageSegment) and s.name

@@ -131,3 +131,12 @@ def test_console_script_on_shipped_example(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"wrote {out} (1 document(s), 0 invalid)"
     assert out.stat().st_size > 50_000  # the three example photos are embedded
+
+
+def test_shipped_invalid_example_reports_every_problem():
+    result = runner.invoke(app, ["validate", "--json", str(EXAMPLE.parent / "invalid")])
+    assert result.exit_code == 1
+    *problems, summary = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert summary == {"checked": 1, "invalid": 1}
+    assert [(p["segment"], p["field"], p.get("column")) for p in problems] == [
+        (0, "text", 29), (0, "text", 37), (1, "src", None), (2, "role", None), (2, "src", None)]

@@ -85,7 +85,7 @@ def test_from_dict_raises_with_all_problems_and_round_trips():
     assert doc.to_dict() == obj
     with pytest.raises(DocumentError) as info:
         Document.from_dict({"id": 3, "segments": [{"type": "text"}, {"type": "nope"}]})
-    assert len(info.value.problems) == 2
+    assert [(p.segment, p.field) for p in info.value.problems] == [(0, "text"), (1, "type"), (None, "id")]
     with pytest.raises(DocumentError, match="not valid JSON"):
         Document.from_json("{nope")
 
