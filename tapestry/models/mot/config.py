@@ -1,0 +1,161 @@
+"""Typed configuration of the `mot` family; saved as `config.json` beside the weights.
+
+One MoTConfig is enough to rebuild the model: the language model (both experts share these
+shapes), the optional understanding encoder (NaViT-style SigLIP + connector) and the optional
+generation path (VAE latents in and out).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tapestry.errors import TapestryError
+
+FORMAT = "tapestry.mot"
+FORMAT_VERSION = 1
+
+
+class ConfigError(TapestryError):
+    """A config file or dict does not describe a valid model."""
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass
+class LLMConfig:
+    """The decoder (Qwen2 shapes); the und and gen experts are identical copies of these."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    tie_word_embeddings: bool = False
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"llm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"llm.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"llm.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_size % 4:
+            raise ConfigError(f"llm.hidden_size must be divisible by 4 (2-D sin-cos), got {self.hidden_size}")
+
+
+@dataclass
+class ViTConfig:
+    """NaViT-style SigLIP encoder over variable-size images, plus the MLP connector."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_layers: int = 1
+    num_heads: int = 2
+    patch_size: int = 14
+    max_patches_per_side: int = 10  # side of both position tables (learned and sin-cos)
+    layer_norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if f.name != "layer_norm_eps" and getattr(self, f.name) < 1:
+                raise ConfigError(f"vit.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vit.hidden_size must divide into {self.num_heads} heads")
+
+
+@dataclass
+class LatentConfig:
+    """The generation path: VAE latents -> 2×2 patches -> tokens, and back."""
+
+    channels: int = 16  # VAE z channels
+    patch_size: int = 2
+    max_side: int = 8  # latent side in patches: rows of the sin-cos table = max_side²
+    timestep_freq_dim: int = 256
+
+    @property
+    def patch_dim(self) -> int:
+        return self.channels * self.patch_size**2
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"latent.{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+@dataclass
+class MoTConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig | None = field(default_factory=ViTConfig)
+    latent: LatentConfig | None = field(default_factory=LatentConfig)
+
+    def validate(self) -> MoTConfig:
+        self.llm.validate()
+        if self.vit is not None:
+            self.vit.validate()
+        if self.latent is not None:
+            self.latent.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> MoTConfig:
+        data = dict(data)
+        fmt = data.pop("format", FORMAT)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if fmt != FORMAT:
+            raise ConfigError(f"{where}: format is {fmt!r}, expected {FORMAT!r}")
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{where}: format_version {version} is not supported (this code reads {FORMAT_VERSION})")
+        unknown = sorted(set(data) - {"llm", "vit", "latent"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known: ['latent', 'llm', 'vit']")
+        cfg = cls(
+            llm=_from_dict(LLMConfig, data.get("llm", {}), f"{where}.llm"),
+            vit=None if data.get("vit") is None else _from_dict(ViTConfig, data["vit"], f"{where}.vit"),
+            latent=None if data.get("latent") is None else _from_dict(LatentConfig, data["latent"], f"{where}.latent"),
+        )
+        try:
+            return cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "config") -> MoTConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoTConfig:
+        path = Path(path)
+        return cls.from_json(path.read_text(encoding="utf-8"), where=str(path))

@@ -1,0 +1,416 @@
+"""The unified mixture-of-transformers (Inset / ILLUME-X / BAGEL layout), plain PyTorch.
+
+Every decoder layer holds two experts of identical shape — `und` (text, special tokens, ViT
+tokens) and `gen` (VAE latent tokens). Each token is routed by its expert index through its
+expert's norms, q/k/v/o projections, QK-norm and SwiGLU MLP; attention itself is one softmax over
+the whole sequence, so understanding and generation tokens see each other as the mask allows.
+
+Inputs are embeddings, not ids: `embed_text`, `embed_latents` and `embed_images` turn each
+modality into [.., D] rows that a layout interleaves. A KV cache lets a context be prefilled once;
+new tokens (a text step, or a noisy image block at every denoising step) then run against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tapestry.models.common.norm import RMSNorm
+from tapestry.models.common.patches import patchify, unpatchify
+from tapestry.models.common.rope import RotaryEmbedding, apply_rope
+from tapestry.models.common.sincos import grid_position_ids, sincos_2d
+from tapestry.models.common.timestep import TimestepEmbedder
+from tapestry.models.mot.config import LLMConfig, MoTConfig, ViTConfig
+
+UND, GEN = 0, 1  # expert index of a token
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing and cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """Which flat token rows go to which expert; built once per forward, used by every layer."""
+
+    und: Tensor  # [T_und] indices into the flattened [B·L] tokens
+    gen: Tensor  # [T_gen]
+    total: int
+
+    @classmethod
+    def from_expert_ids(cls, expert_ids: Tensor) -> Routing:
+        # expert_ids: [B, L] of UND / GEN
+        flat = expert_ids.reshape(-1)
+        if flat.numel() and not bool(((flat == UND) | (flat == GEN)).all()):
+            raise ValueError(f"expert ids must be {UND} (und) or {GEN} (gen)")
+        return cls(
+            und=(flat == UND).nonzero().squeeze(1),
+            gen=(flat == GEN).nonzero().squeeze(1),
+            total=flat.numel(),
+        )
+
+    def apply(self, x: Tensor, und_fn: Callable[[Tensor], Tensor], gen_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """out[i] = fn_expert(i)(x[i]) for x: [T, D_in] -> [T, D_out].
+
+        An expert with no tokens is never called, so its weights get no gradient (not a zero one).
+        """
+        if len(self.gen) == 0:
+            return und_fn(x)
+        if len(self.und) == 0:
+            return gen_fn(x)
+        y_und = und_fn(x.index_select(0, self.und))
+        y_gen = gen_fn(x.index_select(0, self.gen))
+        out = y_und.new_empty(self.total, y_und.shape[-1])
+        out = out.index_copy(0, self.und, y_und)
+        return out.index_copy(0, self.gen, y_gen)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of everything prefilled so far: [B, H_kv, C, head_dim] each.
+
+    Keys are stored after QK-norm and RoPE, so cached tokens are never recomputed.
+    """
+
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor] | None:
+        return (self.keys[i], self.values[i]) if i < len(self.keys) else None
+
+    def store(self, i: int, k: Tensor, v: Tensor) -> None:
+        if i < len(self.keys):
+            self.keys[i], self.values[i] = k, v
+        elif i == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            raise IndexError(f"cache layer {i} stored before layer {len(self.keys)}")
+
+    def clone(self) -> KVCache:
+        """An independent copy (the cache of one guidance branch, say)."""
+        return KVCache([k.clone() for k in self.keys], [v.clone() for v in self.values])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One expert's weights in one layer (Qwen2 shapes: q/k/v with bias, o without)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=True)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(d, cfg.intermediate_size)
+
+    def qkv(self, x: Tensor) -> Tensor:
+        # x: [T, D] -> [T, (H + 2·H_kv)·hd], q and k already QK-normed (per expert, before RoPE)
+        h = self.attn_norm(x)
+        q = self.q_norm(self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim)))
+        k = self.k_norm(self.k_proj(h).unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        v = self.v_proj(h)
+        return torch.cat([q.flatten(1), k.flatten(1), v], dim=-1)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.mlp_norm(x))
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    # flex_attention runs on CPU only compiled (DESIGN §15); compile once per process.
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """q: [B, H, N, hd]; k, v: [B, H_kv, K, hd]; mask: bool [N, K] / [B, N, K] (True = attend) or
+    a flex_attention BlockMask. Returns [B, H, N, hd]."""
+    if mask is None:
+        raise ValueError("attention needs a mask: build one from the layout's spans")
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise ValueError(f"dense masks are boolean (True = may attend), got {mask.dtype}")
+        if mask.shape[-2:] != (q.shape[2], k.shape[2]):
+            raise ValueError(
+                f"mask covers {list(mask.shape[-2:])} (queries, keys) but there are "
+                f"{q.shape[2]} queries and {k.shape[2]} keys (cache + new)"
+            )
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return _flex_attention(q, k, v, mask)
+
+
+class MoTLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.und = Expert(cfg)
+        self.gen = Expert(cfg)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def forward(
+        self,
+        x: Tensor,
+        shape: tuple[int, int],
+        routing: Routing,
+        rope: tuple[Tensor, Tensor],
+        mask,
+        past: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # x: [T = B·N, D] flat tokens; returns (x, k, v) with k, v: [B, H_kv, C + N, hd]
+        b, n = shape
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = routing.apply(x, self.und.qkv, self.gen.qkv).view(b, n, -1)
+        q, k, v = qkv.split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        cos, sin = rope
+        q = apply_rope(q.unflatten(-1, (h, hd)), cos, sin).transpose(1, 2)  # [B, H, N, hd]
+        k = apply_rope(k.unflatten(-1, (hkv, hd)), cos, sin).transpose(1, 2)  # [B, H_kv, N, hd]
+        v = v.unflatten(-1, (hkv, hd)).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        out = attention(q, k, v, mask).transpose(1, 2).reshape(b * n, h * hd)
+        x = x + routing.apply(out, self.und.o_proj, self.gen.o_proj)
+        x = x + routing.apply(x, self.und.feed_forward, self.gen.feed_forward)
+        return x, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders around the decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class ViTLayer(nn.Module):
+    """SigLIP encoder layer: pre-LayerNorm attention and GELU(tanh) MLP, all with biases."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d) for _ in range(3))
+        self.out_proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(d, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, d)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # x: [T, Dv] packed patches of several images; mask: [T, T] (an image sees only itself)
+        h = self.norm1(x)
+        q, k, v = (p(h).unflatten(-1, (self.num_heads, -1)).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
+        x = x + self.out_proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class NaViT(nn.Module):
+    """Variable-size images as packed patch sequences (no resizing to a square)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(3 * cfg.patch_size**2, cfg.hidden_size)  # a Conv2d stored flat
+        self.pos_embed = nn.Embedding(cfg.max_patches_per_side**2, cfg.hidden_size)
+        self.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_layers))
+        self.post_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, patches: Tensor, position_ids: Tensor, lengths: list[int]) -> Tensor:
+        # patches: [T, 3·p·p]; position_ids: [T] into the side² table; lengths: patches per image
+        image_of = torch.repeat_interleave(torch.arange(len(lengths), device=patches.device),
+                                           torch.tensor(lengths, device=patches.device))
+        mask = image_of[:, None] == image_of[None, :]  # [T, T]
+        x = self.patch_embed(patches) + self.pos_embed(position_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.post_norm(x)
+
+
+class Connector(nn.Module):
+    """ViT features -> decoder width (two linears with GELU(tanh))."""
+
+    def __init__(self, vit_hidden: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vit_hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class MoTModel(nn.Module):
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.config = config.validate()
+        llm = config.llm
+        d = llm.hidden_size
+        self.embed_tokens = nn.Embedding(llm.vocab_size, d)
+        self.layers = nn.ModuleList(MoTLayer(llm) for _ in range(llm.num_layers))
+        self.norm_und = RMSNorm(d, llm.rms_norm_eps)
+        self.norm_gen = RMSNorm(d, llm.rms_norm_eps)
+        self.lm_head = nn.Linear(d, llm.vocab_size, bias=False)
+        if llm.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(llm.head_dim, llm.rope_theta)
+
+        if config.vit is not None:
+            self.vit = NaViT(config.vit)
+            self.connector = Connector(config.vit.hidden_size, d)
+            side = config.vit.max_patches_per_side
+            self.register_buffer("vit_pos_embed", sincos_2d(d, side), persistent=False)  # [side², D]
+        if config.latent is not None:
+            lat = config.latent
+            self.latent_in = nn.Linear(lat.patch_dim, d)
+            self.latent_out = nn.Linear(d, lat.patch_dim)
+            self.time_embed = TimestepEmbedder(d, lat.timestep_freq_dim)
+            self.register_buffer("latent_pos_embed", sincos_2d(d, lat.max_side), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.latent is not None:
+            # zero output projection: a fresh generation head predicts v = 0 and starts from a
+            # stable point instead of random velocities
+            nn.init.zeros_(self.latent_out.weight)
+            nn.init.zeros_(self.latent_out.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def embed_text(self, ids: Tensor) -> Tensor:
+        # ids: [B, L] -> [B, L, D]
+        return self.embed_tokens(ids)
+
+    def embed_latents(self, latents: Tensor, t: Tensor) -> Tensor:
+        """latents: [B, C, H, W] (VAE space, already scaled) and t: [B] -> tokens [B, h·w, D]
+        with h = H/p, w = W/p: patch features + timestep embedding + 2-D sin-cos position."""
+        lat = self._need("latent")
+        h, w = latents.shape[-2] // lat.patch_size, latents.shape[-1] // lat.patch_size
+        tokens = self.latent_in(patchify(latents.to(self.dtype), lat.patch_size))
+        pos = self.latent_pos_embed[grid_position_ids(h, w, lat.max_side).to(latents.device)]
+        return tokens + self.time_embed(t)[:, None, :] + pos[None].to(tokens.dtype)
+
+    def latent_velocity(self, hidden: Tensor, height: int, width: int) -> Tensor:
+        """hidden: [B, h·w, D] (final states of an image's latent tokens) -> v: [B, C, H, W]."""
+        lat = self._need("latent")
+        return unpatchify(self.latent_out(hidden), lat.patch_size, height, width)
+
+    def embed_images(self, images: list[Tensor]) -> list[Tensor]:
+        """images: list of [3, H, W] (normalized, sides multiples of the patch) -> [n_i, D] each,
+        n_i = (H/p)·(W/p), in raster order of the patch grid."""
+        vit = self._need("vit")
+        patches, positions, lengths, grids = [], [], [], []
+        for img in images:
+            h, w = img.shape[-2] // vit.patch_size, img.shape[-1] // vit.patch_size
+            patches.append(patchify(img[None].to(self.dtype), vit.patch_size)[0])
+            positions.append(grid_position_ids(h, w, vit.max_patches_per_side))
+            lengths.append(h * w)
+        pos = torch.cat(positions).to(self.device)
+        features = self.vit(torch.cat(patches), pos, lengths)
+        tokens = self.connector(features) + self.vit_pos_embed[pos].to(features.dtype)
+        return list(tokens.split(lengths))
+
+    def _need(self, part: str):
+        cfg = getattr(self.config, part)
+        if cfg is None:
+            raise ValueError(f"this model was built without a {part} path (config.{part} is null)")
+        return cfg
+
+    # -- decoder -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        embeds: Tensor,
+        expert_ids: Tensor,
+        position_ids: Tensor,
+        mask,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+    ) -> Tensor:
+        """Run the decoder over new tokens, optionally against (and into) a KV cache.
+
+        embeds: [B, N, D]; expert_ids, position_ids: [B, N]; mask: bool [N, C + N] or
+        [B, N, C + N] (rows of the new tokens against cache + new keys), or a BlockMask when there
+        is no cache. With update_cache the new tokens' keys/values are appended to `cache` (a
+        prefill, or clean tokens joining the context); without it the cache is left as it was (a
+        denoising step). Returns final hidden states [B, N, D], normed by each token's expert.
+        """
+        b, n, _ = embeds.shape
+        if expert_ids.shape != (b, n) or position_ids.shape != (b, n):
+            raise ValueError(
+                f"expert_ids {list(expert_ids.shape)} and position_ids {list(position_ids.shape)} "
+                f"must both be [B, N] = [{b}, {n}]"
+            )
+        if cache is None and update_cache:
+            raise ValueError("update_cache needs a cache to fill: pass KVCache()")
+        if cache is not None and cache.length and not isinstance(mask, Tensor):
+            raise ValueError("steps against a cache take a dense mask [N, C + N]")
+        routing = Routing.from_expert_ids(expert_ids)
+        rope = self.rope(position_ids, dtype=embeds.dtype)
+        x = embeds.reshape(b * n, -1)
+        for i, layer in enumerate(self.layers):
+            past = cache.layer(i) if cache is not None else None
+            x, k, v = layer(x, (b, n), routing, rope, mask, past)
+            if update_cache:
+                cache.store(i, k, v)
+        x = routing.apply(x, self.norm_und, self.norm_gen)
+        return x.view(b, n, -1)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        # hidden: [..., D] -> [..., vocab]
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
