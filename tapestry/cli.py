@@ -66,7 +66,7 @@ def validate(
 
     Example:
 
-        tapestry validate examples/robot-vase data/shard-000.tar --json
+        tapestry validate examples/cat-and-cup examples/invalid --json
     """
     from tapestry.document import Limits
     from tapestry.storage import scan
