@@ -305,3 +305,58 @@ def test_block_mask_forward_matches_dense(model):
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"flex_attention does not run compiled on this machine: {type(exc).__name__}: {exc}")
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_bitwise(tmp_path, model):
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    again = MoTModel.from_pretrained(folder)
+    assert again.config == model.config
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert torch.equal(again.latent_pos_embed, model.latent_pos_embed)
+    seq = Sequence(model).text([1, 2, 3]).latents(lat(1), 0.5, "noise")
+    with torch.no_grad():
+        assert torch.equal(run(model, seq), run(again, seq))
+    half = MoTModel.from_pretrained(folder, dtype=torch.bfloat16)
+    assert half.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_tied_embeddings_are_saved_once(tmp_path):
+    from tapestry.models.common.checkpoint import read_header
+
+    m = MoTModel(tiny_config(tie_word_embeddings=True))
+    m.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in read_header(tmp_path / "model.safetensors")
+    again = MoTModel.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.embed_tokens.weight
+    assert torch.equal(again.lm_head.weight, m.embed_tokens.weight)
+
+
+def test_loading_refuses_missing_and_unexpected_keys(tmp_path, model):
+    from safetensors.torch import load_file, save_file
+
+    from tapestry.models.common.checkpoint import CheckpointError
+
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["layers.1.gen.q_proj.bias"]
+    state["layers.9.und.q_proj.weight"] = torch.zeros(2)
+    state["norm_und.weight"] = torch.ones(3)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError) as err:
+        MoTModel.from_pretrained(tmp_path)
+    text = str(err.value)
+    assert "1 missing" in text and "layers.1.gen.q_proj.bias" in text
+    assert "1 unexpected" in text and "layers.9.und.q_proj.weight" in text
+    assert "norm_und.weight: model [64], checkpoint [3]" in text
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        (tmp_path / "config.json").unlink()
+        MoTModel.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        MoTModel.from_pretrained(tmp_path / "nope")

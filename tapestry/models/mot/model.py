@@ -12,19 +12,28 @@ new tokens (a text step, or a noisy image block at every denoising step) then ru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tapestry.models.common.checkpoint import (
+    WEIGHTS_NAME,
+    checkpoint_files,
+    load_state_strict,
+    save_state,
+    write_config,
+)
 from tapestry.models.common.norm import RMSNorm
 from tapestry.models.common.patches import patchify, unpatchify
 from tapestry.models.common.rope import RotaryEmbedding, apply_rope
 from tapestry.models.common.sincos import grid_position_ids, sincos_2d
 from tapestry.models.common.timestep import TimestepEmbedder
-from tapestry.models.mot.config import LLMConfig, MoTConfig, ViTConfig
+from tapestry.models.mot.config import FORMAT, LLMConfig, MoTConfig, ViTConfig
 
 UND, GEN = 0, 1  # expert index of a token
 
@@ -291,20 +300,29 @@ class MoTModel(nn.Module):
         self.lm_head = nn.Linear(d, llm.vocab_size, bias=False)
         if llm.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = RotaryEmbedding(llm.head_dim, llm.rope_theta)
 
         if config.vit is not None:
             self.vit = NaViT(config.vit)
             self.connector = Connector(config.vit.hidden_size, d)
-            side = config.vit.max_patches_per_side
-            self.register_buffer("vit_pos_embed", sincos_2d(d, side), persistent=False)  # [side², D]
         if config.latent is not None:
             lat = config.latent
             self.latent_in = nn.Linear(lat.patch_dim, d)
             self.latent_out = nn.Linear(d, lat.patch_dim)
             self.time_embed = TimestepEmbedder(d, lat.timestep_freq_dim)
-            self.register_buffer("latent_pos_embed", sincos_2d(d, lat.max_side), persistent=False)
+        self.build_fixed_tables()
         self.reset_parameters()
+
+    def build_fixed_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables derived from the config: RoPE frequencies and the 2-D sin-cos
+        position tables. They are not saved; a model built on the meta device calls this after
+        its weights are assigned."""
+        cfg, d = self.config, self.config.llm.hidden_size
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.rope = RotaryEmbedding(cfg.llm.head_dim, cfg.llm.rope_theta)
+            if cfg.vit is not None:  # [side², D]
+                self.register_buffer("vit_pos_embed", sincos_2d(d, cfg.vit.max_patches_per_side), persistent=False)
+            if cfg.latent is not None:
+                self.register_buffer("latent_pos_embed", sincos_2d(d, cfg.latent.max_side), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -414,3 +432,46 @@ class MoTModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` (each file atomically) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state(folder / WEIGHTS_NAME, self, metadata={"format": FORMAT})
+        write_config(folder, self.config.to_json())
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> MoTModel:
+        """Rebuild from a folder written by `save_pretrained`; tensors keep their stored dtype
+        unless `dtype` is given. Missing, unexpected or misshapen keys are refused with a list."""
+        from safetensors.torch import load_file
+
+        config_path, weights_path = checkpoint_files(folder)
+        config = MoTConfig.load(config_path)
+        state = load_file(str(weights_path), device=str(device))
+        return cls.from_state_dict(config, state, source=str(weights_path), dtype=dtype, device=device)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: MoTConfig,
+        state: dict[str, Tensor],
+        source: str = "<state dict>",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> MoTModel:
+        """Build the model on the meta device (no random init, no copy) and assign `state`."""
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_strict(model, state, source)
+        if config.llm.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.build_fixed_tables(device)
+        return model.eval()

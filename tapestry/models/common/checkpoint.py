@@ -1,0 +1,148 @@
+"""Checkpoint folders: `config.json` beside `model.safetensors`, strict key checks, header reads.
+
+Loading refuses a checkpoint whose keys do not match the model exactly and says which keys are
+missing, unexpected or of the wrong shape — a silently half-loaded model is the worst outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tapestry.atomic import atomic_file, atomic_write_text
+from tapestry.errors import TapestryError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024  # a real header is far smaller; refuse to read a corrupt length
+
+
+class CheckpointError(TapestryError):
+    """A checkpoint folder or file cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of a .safetensors file, reading only its JSON header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {size} is implausible; the file is corrupt")
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
+    header.pop("__metadata__", None)
+    return {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+@dataclass
+class KeyReport:
+    """How a checkpoint's keys cover a model's: the three lists `tapestry inspect` prints."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[dict] = field(default_factory=list)  # {key, expected, found}
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.shape_mismatch)
+
+    def describe(self, limit: int = 20) -> str:
+        lines = []
+        for title, items in (
+            ("missing (the model needs them, the checkpoint lacks them)", self.missing),
+            ("unexpected (in the checkpoint, not in the model)", self.unexpected),
+            ("shape mismatch", [f"{m['key']}: model {m['expected']}, checkpoint {m['found']}"
+                                for m in self.shape_mismatch]),
+        ):
+            if items:
+                lines.append(f"{len(items)} {title}:")
+                lines += [f"  {item}" for item in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+        return "\n".join(lines)
+
+
+def compare_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> KeyReport:
+    return KeyReport(
+        missing=sorted(set(expected) - set(found)),
+        unexpected=sorted(set(found) - set(expected)),
+        shape_mismatch=[
+            {"key": k, "expected": list(expected[k]), "found": list(found[k])}
+            for k in sorted(set(expected) & set(found))
+            if tuple(expected[k]) != tuple(found[k])
+        ],
+    )
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Persistent state of a model, each tensor once (tied weights under their first name)."""
+    seen, shapes = set(), {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        ident = id(tensor)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        shapes[key] = tuple(tensor.shape)
+    return shapes
+
+
+def save_state(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's persistent state (each tied tensor once) atomically."""
+    from safetensors.torch import save_file
+
+    keep = set(expected_shapes(model))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Assign `state` into `model` (which may live on the meta device), refusing any key mismatch."""
+    report = compare_keys(expected_shapes(model), {k: tuple(v.shape) for k, v in state.items()})
+    if not report.ok:
+        raise CheckpointError(f"{source} does not fit the model:\n{report.describe()}")
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def write_config(folder: Path, config_json: str) -> None:
+    atomic_write_text(folder / CONFIG_NAME, config_json)
+
+
+def checkpoint_files(folder: str | Path) -> tuple[Path, Path]:
+    """(config.json, model.safetensors) of a tapestry checkpoint folder, or a clear error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config, weights):
+        if not path.is_file():
+            raise CheckpointError(
+                f"{folder}: missing {path.name}; a tapestry checkpoint holds {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (for a BAGEL-layout folder use tapestry.models.mot.convert.load_bagel)"
+            )
+    return config, weights
