@@ -121,25 +121,29 @@ class Document:
 
     def reading_order(self) -> list[str | ImageSegment]:
         """Text pieces and images in the order a person reads them (slots resolved in place)."""
+        return [item for item, _ in self.reading_order_with_segments()]
+
+    def reading_order_with_segments(self) -> list[tuple[str | ImageSegment, int]]:
+        """`reading_order`, each item paired with the index of the segment it comes from."""
         bindings = self.bindings()
         by_segment: dict[int, list[Binding]] = {}
         for b in bindings:
             by_segment.setdefault(b.segment, []).append(b)
         bound = {b.image_segment for b in bindings}
-        items: list[str | ImageSegment] = []
+        items: list[tuple[str | ImageSegment, int]] = []
         for i, segment in enumerate(self.segments):
             if isinstance(segment, ImageSegment):
                 if i not in bound:
-                    items.append(segment)
+                    items.append((segment, i))
                 continue
             cursor = 0
             for b in by_segment.get(i, []):
                 if b.slot.start > cursor:
-                    items.append(segment.text[cursor : b.slot.start])
-                items.append(self.segments[b.image_segment])  # type: ignore[arg-type]
+                    items.append((segment.text[cursor : b.slot.start], i))
+                items.append((self.segments[b.image_segment], b.image_segment))  # type: ignore[arg-type]
                 cursor = b.slot.end
             if cursor < len(segment.text):
-                items.append(segment.text[cursor:])
+                items.append((segment.text[cursor:], i))
         return items
 
     def layout(self) -> str:

@@ -1,0 +1,183 @@
+import pytest
+import torch
+from PIL import Image
+
+from tapestry.document import Document, ImageSegment, TextSegment, from_markup
+from tapestry.layout import (
+    GEN,
+    IGNORE,
+    UND,
+    LayoutConfig,
+    concat_layouts,
+    dense_mask,
+    layout_document,
+    pack_layouts,
+    packing_efficiency,
+)
+from tapestry.models.common.tokenizer import TextTokenizer, train_bpe
+
+CONFIG = LayoutConfig(vit_patch=8, vae_downsample=4, latent_patch=2, target_size=(32, 32))
+# 32 px images: ViT 4x4 = 16 tokens, VAE 4x4 = 16 tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["A red circle sits left of a blue star.", "Then the star moves to the centre.",
+             "What colour is the shape? red"] * 20
+    return train_bpe(texts, vocab_size=300)
+
+
+def img(colour=(200, 0, 0), size=32):
+    return Image.new("RGB", (size, size), colour)
+
+
+def compose_doc():
+    doc = from_markup("A [img1] sits left of a [img2].", [img(), img((0, 0, 200))], id="compose")
+    doc.segments.append(ImageSegment("target", width=32, height=32))
+    return doc
+
+
+def test_compose_sequence_structure(tokenizer):
+    seq = layout_document(compose_doc(), tokenizer, CONFIG)
+    ids = seq.token_ids.tolist()
+    assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+    kinds = [(p.kind, p.role, p.end - p.start) for p in seq.images]
+    assert kinds == [("vit", "reference", 16), ("vit", "reference", 16), ("noise", "target", 16)]
+    # References through the ViT only (Inset): no VAE tokens of inputs, so nothing to copy.
+    assert not any(p.kind == "vae" for p in seq.images)
+    for p in seq.images:
+        assert ids[p.start - 1] == tokenizer.boi_id and ids[p.end] == tokenizer.eoi_id
+        assert set(seq.expert[p.start : p.end].tolist()) == {UND if p.kind == "vit" else GEN}
+        assert set(seq.position_ids[p.start : p.end].tolist()) == {p.position}
+    modes = [s.mode for s in seq.spans]
+    assert modes == ["causal", "full", "causal", "full", "causal", "noise", "causal"]
+    # Text between the references is read in sentence order.
+    first_eoi = seq.images[0].end
+    second_boi = seq.images[1].start - 1
+    assert tokenizer.decode(ids[first_eoi + 1 : second_boi]) == " sits left of a "
+    # Positions increase by one per text token and per image.
+    positions = seq.position_ids.tolist()
+    assert positions[: seq.images[0].start] == list(range(seq.images[0].start))
+    assert positions[seq.images[0].end] == seq.images[0].position + 1
+
+
+def test_loss_targets_when_to_draw_and_when_to_stop(tokenizer):
+    seq = layout_document(compose_doc(), tokenizer, CONFIG)
+    labels = seq.labels.tolist()
+    ids = seq.token_ids.tolist()
+    supervised = [(i, labels[i]) for i in range(len(labels)) if labels[i] != IGNORE]
+    target = seq.images[2]
+    # Only: the BOI before the target (predicted from the token before it) and the final EOS.
+    assert supervised == [(target.start - 2, tokenizer.boi_id), (len(ids) - 2, tokenizer.eos_id)]
+
+
+def test_references_as_vae_switch(tokenizer):
+    seq = layout_document(compose_doc(), tokenizer, LayoutConfig(**{**CONFIG.__dict__, "references_as_vae": True}))
+    assert [p.kind for p in seq.images] == ["vit", "vae", "vit", "vae", "noise"]
+    vit, vae = seq.images[0], seq.images[1]
+    assert vae.start == vit.end and vit.position == vae.position  # one image, one position
+
+
+def story_doc():
+    return Document("story", [
+        TextSegment("A red circle sits left."),
+        ImageSegment("context", image=img()),
+        TextSegment("Then it moves to the centre.", role="target"),
+        ImageSegment("target", width=32, height=32),
+        TextSegment("What colour is the shape?"),
+        TextSegment("red", role="target"),
+    ])
+
+
+def test_generated_image_is_noise_then_clean_and_later_text_sees_only_clean(tokenizer):
+    seq = layout_document(story_doc(), tokenizer, CONFIG)
+    kinds = [(p.kind, p.role) for p in seq.images]
+    assert kinds == [("vit", "context"), ("vae", "context"), ("noise", "target"), ("vit", "target"), ("vae", "target")]
+    noise, clean_vit, clean_vae = seq.images[2:]
+    assert noise.position == clean_vit.position == clean_vae.position
+    mask = dense_mask(seq.spans)
+    last = seq.length - 1
+    assert not mask[last, noise.start : noise.end].any()  # later text never sees noisy latents
+    assert mask[last, clean_vit.start : clean_vae.end].all()
+    # The noisy latents see every earlier clean token, including the BOI, but not their copy.
+    assert mask[noise.start, : noise.start].all()
+    assert not mask[noise.start, clean_vit.start : clean_vae.end].any()
+    assert not mask[clean_vit.start, noise.start : noise.end].any()
+    # Loss on target text, on the target image's BOI, on EOS; not on the question.
+    labels = seq.labels.tolist()
+    supervised_tokens = [labels[i] for i in range(len(labels)) if labels[i] != IGNORE]
+    text = tokenizer.decode([t for t in supervised_tokens if t not in (tokenizer.boi_id, tokenizer.eos_id)])
+    assert text == "Then it moves to the centre.red"
+    assert supervised_tokens.count(tokenizer.boi_id) == 1
+
+
+def test_text_loss_all(tokenizer):
+    cfg = LayoutConfig(**{**CONFIG.__dict__, "text_loss": "all"})
+    seq = layout_document(story_doc(), tokenizer, cfg)
+    labels = seq.labels.tolist()
+    text_tokens = [t for t in labels if t not in (IGNORE, tokenizer.boi_id, tokenizer.eos_id, tokenizer.eoi_id)]
+    assert tokenizer.decode(text_tokens) == ("A red circle sits left.Then it moves to the centre."
+                                             "What colour is the shape?red")
+
+
+def test_packing_keeps_documents_apart_and_fills_rows(tokenizer):
+    singles = [layout_document(d, tokenizer, CONFIG, ) for d in [compose_doc(), story_doc()] * 5]
+    budget = 256
+    rows = pack_layouts(singles, budget, tokenizer.pad_id)
+    assert all(r.length == budget for r in rows)
+    assert sum(len(r.documents) for r in rows) == 10
+    assert sum(r.real_tokens for r in rows) == sum(s.length for s in singles)
+    # Lengths are 67 (compose) and 123 (story); rows can hold SS, SC or CCC, never SCC (257),
+    # so five stories and five composes need 5 rows at best: best-fit decreasing finds that.
+    assert sorted(s.length for s in singles[:2]) == [67, 123]
+    assert len(rows) == 5
+    assert packing_efficiency(rows) == sum(s.length for s in singles) / (len(rows) * budget)
+    for row in rows:
+        mask = dense_mask(row.spans)
+        for a in row.documents:
+            for b in row.documents:
+                if a is not b:
+                    assert not mask[a.start : a.end, b.start : b.end].any()
+        # Each packed document's labels and spans equal its single layout, shifted.
+        for doc in row.documents:
+            single = next(s for s in singles if s.documents[0].id == doc.id and s.length == doc.end - doc.start)
+            assert torch.equal(row.labels[doc.start : doc.end], single.labels)
+            assert torch.equal(row.position_ids[doc.start : doc.end], single.position_ids)
+    # Padding is invisible to every document.
+    row = rows[-1]
+    pad_start = row.documents[-1].end
+    if pad_start < budget:
+        assert not dense_mask(row.spans)[:pad_start, pad_start:].any()
+        assert (row.labels[pad_start:] == IGNORE).all()
+
+
+def test_packing_refuses_documents_over_budget(tokenizer):
+    single = layout_document(story_doc(), tokenizer, CONFIG)
+    with pytest.raises(ValueError, match=r"document 'story' needs \d+ tokens, more than the packing budget of 16"):
+        pack_layouts([single], 16, tokenizer.pad_id)
+
+
+def test_concat_then_dense_mask_equals_per_document_masks(tokenizer):
+    a = layout_document(compose_doc(), tokenizer, CONFIG)
+    b = layout_document(story_doc(), tokenizer, CONFIG)
+    row = concat_layouts([a, b], tokenizer.pad_id)
+    mask = dense_mask(row.spans)
+    assert torch.equal(mask[: a.length, : a.length], dense_mask(a.spans))
+    assert torch.equal(mask[a.length :, a.length :], dense_mask(b.spans))
+
+
+def test_grids_fit_budget_and_keep_aspect():
+    cfg = LayoutConfig(vit_patch=14, max_vit_side=70, vae_downsample=8, latent_patch=2, max_latent_side=64)
+    assert cfg.vit_grid(980, 980) == (70, 70)
+    assert cfg.vit_grid(1960, 980) == (70, 35)
+    assert cfg.vae_grid(512, 256) == (32, 16)
+    assert cfg.vae_grid(3, 3) == (1, 1)
+
+
+def test_tokenizer_round_trip_and_save(tokenizer, tmp_path):
+    text = "A naïve café — 🎨 [img] <b>"
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # byte-level: anything encodes
+    tokenizer.save(tmp_path)
+    again = TextTokenizer.load(tmp_path)
+    assert again.encode(text) == tokenizer.encode(text)
+    assert (again.bos_id, again.boi_id, again.image_id) == (tokenizer.bos_id, tokenizer.boi_id, tokenizer.image_id)
