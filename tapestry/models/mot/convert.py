@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tapestry.models.common.checkpoint import CheckpointError, TensorInfo, compare_keys, read_header
+from tapestry.models.common.checkpoint import (
+    CheckpointError,
+    KeyReport,
+    TensorInfo,
+    compare_keys,
+    read_header,
+)
 from tapestry.models.common.sincos import sincos_2d
 from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
 
@@ -263,6 +269,19 @@ def bagel_expected_keys(config: MoTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_PATCH_KEY = _VIT + "embeddings.patch_embedding.weight"
+
+
+def bagel_key_report(config: MoTConfig, header: dict[str, TensorInfo]) -> KeyReport:
+    """Key coverage of a BAGEL weight file against the model `config` describes (header only)."""
+    found = {k: v.shape for k, v in header.items()}
+    # a Conv2d patch embedding is accepted too: compare it by its Linear shape
+    if _PATCH_KEY in found and len(found[_PATCH_KEY]) == 4:
+        s = found[_PATCH_KEY]
+        found[_PATCH_KEY] = (s[0], s[1] * s[2] * s[3])
+    return compare_keys(bagel_expected_keys(config), found)
+
+
 def load_bagel(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
     """Load a BAGEL-layout folder into a MoTModel. Every key of `ema.safetensors` must be used and
     every model tensor found; the fixed sin-cos tables must equal ours (else the conventions
@@ -275,13 +294,7 @@ def load_bagel(folder: str | Path, dtype: torch.dtype | None = None, device: tor
     weights = folder / WEIGHTS
     header = read_header(weights)
     config, _ = bagel_config(folder, header)
-    found = {k: v.shape for k, v in header.items()}
-    # a Conv2d patch embedding is accepted too: compare it by its Linear shape
-    patch_key = _VIT + "embeddings.patch_embedding.weight"
-    if patch_key in found and len(found[patch_key]) == 4:
-        s = found[patch_key]
-        found[patch_key] = (s[0], s[1] * s[2] * s[3])
-    report = compare_keys(bagel_expected_keys(config), found)
+    report = bagel_key_report(config, header)
     if not report.ok:
         raise CheckpointError(f"{weights} does not fit a BAGEL-layout MoT model:\n{report.describe()}")
 
@@ -300,7 +313,7 @@ def load_bagel(folder: str | Path, dtype: torch.dtype | None = None, device: tor
                         f"(max difference {(tensor.float() - ours).abs().max():.3g}); refusing to load"
                     )
                 continue
-            if key == patch_key and tensor.dim() == 4:
+            if key == _PATCH_KEY and tensor.dim() == 4:
                 tensor = conv_patch_weight_to_linear(tensor)
             state[bagel_to_tapestry_key(key)] = tensor
     return MoTModel.from_state_dict(config, state, source=str(weights), dtype=dtype, device=device)
