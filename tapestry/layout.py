@@ -17,6 +17,7 @@ This file has two halves: the mask half (spans -> masks, below) and the Document
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -583,3 +584,63 @@ def packing_efficiency(rows: Sequence[SequenceLayout]) -> float:
     """Real tokens / all tokens of the rows."""
     total = sum(r.length for r in rows)
     return sum(r.real_tokens for r in rows) / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance branches: which conditions each branch drops (DESIGN §6)
+# ---------------------------------------------------------------------------------------------
+
+TextScope = Literal["all", "last"]
+BRANCH_DROPS: dict[str, tuple[bool, bool]] = {  # branch -> (drop text, drop images)
+    "cond": (False, False),
+    "no_text": (True, False),
+    "no_image": (False, True),
+    "uncond": (True, True),
+}
+
+
+def branch_document(doc, branch: str, text_scope: TextScope = "all"):
+    """The Document a guidance branch conditions on: `doc` with its text and/or given images
+    dropped. Dropping happens on the Document, not on tokens, so a branch is laid out exactly as
+    training lays out a sample whose conditions were dropped (the same function serves both).
+
+    - text dropped: the words go, image slots stay in reading order; `text_scope="last"` drops
+      only the last text segment before the first target (BAGEL's and DuetGen's negative).
+    - images dropped: reference and context images go, with their slots; targets stay.
+    """
+    from tapestry.document import Document, ImageSegment, TextSegment
+    from tapestry.markup import replace_slots
+
+    if branch not in BRANCH_DROPS:
+        raise ValueError(f"unknown guidance branch {branch!r}; expected one of {', '.join(BRANCH_DROPS)}")
+    if text_scope not in ("all", "last"):
+        raise ValueError(f"text_scope must be 'all' or 'last', got {text_scope!r}")
+    drop_text, drop_images = BRANCH_DROPS[branch]
+    bindings = doc.bindings()
+    first_target = next((i for i, s in enumerate(doc.segments) if getattr(s, "role", None) == "target"),
+                        len(doc.segments))
+    text_indices = [i for i, s in enumerate(doc.segments[:first_target]) if isinstance(s, TextSegment)]
+    dropped_text = set(text_indices if text_scope == "all" else text_indices[-1:]) if drop_text else set()
+    dropped_images = {i for i, s in enumerate(doc.segments)
+                      if drop_images and isinstance(s, ImageSegment) and s.role != "target"}
+    by_segment: dict[int, list] = {}
+    for b in bindings:
+        by_segment.setdefault(b.segment, []).append(b)
+    segments = []
+    for i, segment in enumerate(doc.copy().segments):
+        if i in dropped_images:
+            continue
+        if isinstance(segment, TextSegment):
+            slots = [b.slot for b in by_segment.get(i, [])]
+            kept = [b.slot.markup if b.image_segment not in dropped_images else "" for b in by_segment.get(i, [])]
+            if i in dropped_text:
+                text = "".join(kept)
+            else:
+                text = replace_slots(segment.text, slots, kept)
+                if "" in kept:  # a removed slot leaves its two neighbouring spaces behind
+                    text = re.sub(r" {2,}", " ", text).strip()
+            if not text:
+                continue
+            segment.text = text
+        segments.append(segment)
+    return Document(doc.id, segments, dict(doc.meta))

@@ -181,3 +181,37 @@ def test_tokenizer_round_trip_and_save(tokenizer, tmp_path):
     again = TextTokenizer.load(tmp_path)
     assert again.encode(text) == tokenizer.encode(text)
     assert (again.bos_id, again.boi_id, again.image_id) == (tokenizer.bos_id, tokenizer.boi_id, tokenizer.image_id)
+
+
+def branch_texts(doc):
+    return [s.text if isinstance(s, TextSegment) else s.role for s in doc.segments]
+
+
+def test_guidance_branches_drop_the_right_conditions(tokenizer):
+    from tapestry.layout import branch_document
+    from tapestry.models.common.guidance import RULES, required_branches
+
+    doc = from_markup("A [img1] naps beside a [img2] on the table.", [img(), img()], id="b")
+    doc.segments += [TextSegment("Then it jumps."), ImageSegment("target", width=32, height=32)]
+    expect = {
+        ("cond", "all"): ["A <img:img1/> naps beside a <img:img2/> on the table.", "reference", "reference",
+                          "Then it jumps.", "target"],
+        ("no_text", "all"): ["<img:img1/><img:img2/>", "reference", "reference", "target"],
+        ("no_text", "last"): ["A <img:img1/> naps beside a <img:img2/> on the table.", "reference", "reference",
+                              "target"],
+        ("no_image", "all"): ["A naps beside a on the table.", "Then it jumps.", "target"],
+        ("uncond", "all"): ["target"],
+    }
+    for (branch, scope), texts in expect.items():
+        got = branch_document(doc, branch, scope)
+        assert branch_texts(got) == texts, (branch, scope)
+        assert got.validate() == []
+        # Every branch still lays out, ending with the target's noise span.
+        seq = layout_document(got, tokenizer, CONFIG)
+        assert seq.images[-1].kind == "noise"
+    # Every branch a guidance rule asks for is one we can build.
+    for rule in RULES:
+        for branch in required_branches(rule):
+            branch_document(doc, branch)
+    with pytest.raises(ValueError, match="unknown guidance branch 'no_audio'"):
+        branch_document(doc, "no_audio")
