@@ -142,6 +142,12 @@ def view(
         raise typer.Exit(1)
 
 
+# Command groups living beside their code; each module imports its heavy parts lazily.
+from tapestry.models.inspect_cli import inspect_command  # noqa: E402
+
+app.command("inspect")(inspect_command)
+
+
 def main() -> None:
     try:
         app()

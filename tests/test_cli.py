@@ -140,3 +140,18 @@ def test_shipped_invalid_example_reports_every_problem():
     assert summary == {"checked": 1, "invalid": 1}
     assert [(p["segment"], p["field"], p.get("column")) for p in problems] == [
         (0, "text", 29), (0, "text", 37), (1, "src", None), (2, "role", None), (2, "src", None)]
+
+
+BAGEL_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel-tiny"
+
+
+@pytest.mark.skipif(not BAGEL_TINY.is_dir(), reason="../shared/fixtures/bagel-tiny is not present in this checkout")
+def test_inspect_is_mounted_and_reports_key_coverage(tmp_path):
+    result = runner.invoke(app, ["inspect", str(BAGEL_TINY), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["layout"] == "bagel"
+    assert (report["missing"], report["unexpected"], report["shape_mismatch"]) == ([], [], [])
+    assert report["parameters"]["total"] > 0
+    result = runner.invoke(app, ["inspect", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2

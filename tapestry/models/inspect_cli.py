@@ -15,8 +15,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tapestry.models.common.checkpoint import CheckpointError
-from tapestry.models.inspection import inspect_checkpoint
 
 
 def _human(n: int) -> str:
@@ -86,6 +84,10 @@ def inspect_command(
 
         tapestry inspect ../shared/fixtures/bagel-tiny --json
     """
+    # Imported here so `tapestry --help` and other commands do not pay for importing torch.
+    from tapestry.models.common.checkpoint import CheckpointError
+    from tapestry.models.inspection import inspect_checkpoint
+
     try:
         report = inspect_checkpoint(path)
     except CheckpointError as exc:
