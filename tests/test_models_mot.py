@@ -360,3 +360,38 @@ def test_loading_refuses_missing_and_unexpected_keys(tmp_path, model):
         MoTModel.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="not a directory"):
         MoTModel.from_pretrained(tmp_path / "nope")
+
+
+@torch.no_grad()
+def test_guidance_branches_run_batched_against_their_own_caches(model):
+    from tapestry.models.mot.model import batched_step_mask
+
+    image = torch.randn(3, 8, 8)
+    # cond: text + image + text; no_text: the image alone; uncond: nothing but a start token
+    contexts = [
+        Sequence(model).text([1, 2, 3]).vit(image).text([4, 5, 6, 7]),
+        Sequence(model).text([1]).vit(image),
+        Sequence(model).text([1]),
+    ]
+    caches, masks, alone, steps = [], [], [], []
+    for ctx in contexts:
+        e, x, p = ctx.tensors()
+        cache = KVCache()
+        model(e, x, p, dense_mask(ctx.spans), cache=cache, update_cache=True)
+        c = ctx.end
+        ctx.latents(lat(7), 0.8, "noise")
+        e, x, p = ctx.tensors()
+        rows = dense_mask(ctx.spans, rows=(c, ctx.end))
+        alone.append(model(e[:, c:], x[:, c:], p[:, c:], rows, cache=cache)[0])
+        caches.append(cache)
+        masks.append(rows)
+        steps.append((e[:, c:], x[:, c:], p[:, c:]))
+    batched, lengths = KVCache.batch(caches)
+    assert lengths == [contexts[0].end - 4, contexts[1].end - 4, contexts[2].end - 4]
+    e = torch.cat([s[0] for s in steps])
+    x = torch.cat([s[1] for s in steps])
+    p = torch.cat([s[2] for s in steps])
+    out = model(e, x, p, batched_step_mask(masks, lengths), cache=batched)
+    for b in range(3):
+        torch.testing.assert_close(out[b], alone[b], rtol=1e-5, atol=1e-5)
+    assert (alone[0] - alone[2]).abs().max() > 1e-3  # the branches really differ

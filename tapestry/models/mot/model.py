@@ -109,6 +109,41 @@ class KVCache:
         """An independent copy (the cache of one guidance branch, say)."""
         return KVCache([k.clone() for k in self.keys], [v.clone() for v in self.values])
 
+    @staticmethod
+    def batch(caches: list[KVCache]) -> tuple[KVCache, list[int]]:
+        """Stack single-row caches of different lengths into one batch, right-padded with zeros,
+        so guidance branches (each with its own context) run in one forward. Returns the cache and
+        each row's true length; `batched_step_mask` hides the padding."""
+        if not caches or any(c.keys and c.keys[0].shape[0] != 1 for c in caches):
+            raise ValueError("KVCache.batch takes a non-empty list of single-row caches")
+        lengths = [c.length for c in caches]
+        longest = max(lengths)
+
+        def pad(t: Tensor) -> Tensor:  # [1, H_kv, C, hd] -> [1, H_kv, longest, hd]
+            return F.pad(t, (0, 0, 0, longest - t.shape[2]))
+
+        layers = len(caches[0].keys)
+        if any(len(c.keys) != layers for c in caches):
+            raise ValueError("caches to batch must come from the same model")
+        return KVCache(
+            [torch.cat([pad(c.keys[i]) for c in caches]) for i in range(layers)],
+            [torch.cat([pad(c.values[i]) for c in caches]) for i in range(layers)],
+        ), lengths
+
+
+def batched_step_mask(row_masks: list[Tensor], lengths: list[int]) -> Tensor:
+    """Per-branch step masks [N, C_b + N] -> one [B, N, C_max + N] for a `KVCache.batch` cache:
+    each row's context columns, then padding (never attended), then the N new tokens."""
+    longest = max(lengths)
+    out = []
+    for mask, c in zip(row_masks, lengths, strict=True):
+        n = mask.shape[0]
+        if mask.shape[1] != c + n:
+            raise ValueError(f"a step mask for a context of {c} and {n} new tokens is [{n}, {c + n}], got {list(mask.shape)}")
+        padding = mask.new_zeros(n, longest - c)
+        out.append(torch.cat([mask[:, :c], padding, mask[:, c:]], dim=1))
+    return torch.stack(out)
+
 
 # ---------------------------------------------------------------------------------------------
 # Decoder
