@@ -442,7 +442,8 @@ class _Builder:
         self._span(start, len(self.ids), mode)
 
 
-def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_index: int = 0) -> SequenceLayout:
+def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_index: int = 0,
+                    supervise_text: bool = True) -> SequenceLayout:
     """One Document -> its token sequence (see `SequenceLayout`).
 
     Sequence: BOS, then the reading order: text pieces as causal tokens; each image as
@@ -453,7 +454,8 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
 
     Loss: the next-token label of position i is token i+1 when that token is target text (or any
     text with text_loss="all"), the BOI of a target image (the model learns *when* to draw), or
-    EOS of a document that has targets.
+    EOS of a document that has targets. `supervise_text=False` removes every next-token label
+    (ILLUME-X: no text or special-token loss on a sample whose conditions were dropped).
     """
     from tapestry.document import ImageSegment, TextSegment
 
@@ -487,6 +489,8 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
                         tokenizer.image_id, position)
         build.text([tokenizer.eoi_id], loss=False)
     build.text([tokenizer.eos_id], loss=has_targets or config.text_loss == "all")
+    if not supervise_text:
+        build.loss = [False] * len(build.loss)
     return _finish([build], [doc.id], tokenizer.pad_id, None)
 
 

@@ -215,3 +215,9 @@ def test_guidance_branches_drop_the_right_conditions(tokenizer):
             branch_document(doc, branch)
     with pytest.raises(ValueError, match="unknown guidance branch 'no_audio'"):
         branch_document(doc, "no_audio")
+
+
+def test_supervise_text_off_removes_every_label(tokenizer):
+    seq = layout_document(story_doc(), tokenizer, CONFIG, supervise_text=False)
+    assert (seq.labels == IGNORE).all()
+    assert [p.kind for p in seq.images] == [p.kind for p in layout_document(story_doc(), tokenizer, CONFIG).images]
