@@ -330,7 +330,7 @@ class LayoutConfig:
     max_latent_side: int = 16  # VAE tokens per side at most
     references_as_vae: bool = False  # Inset: references enter through the ViT only (no copy-paste)
     context_as_vae: bool = True  # given story frames and generated images also as clean VAE tokens
-    clean_copy: bool = True  # a generated image later content reads appears again as clean tokens
+    clean_copy: bool = True  # a generated image appears again as clean tokens after its noise span
     text_loss: Literal["targets", "all"] = "targets"  # which text carries next-token loss
     target_size: tuple[int, int] = (64, 64)  # (height, width) of targets that declare no size
 
@@ -449,8 +449,8 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
     Sequence: BOS, then the reading order: text pieces as causal tokens; each image as
     BOI, image tokens, EOI. Given images (reference / context) are one `full` span of ViT tokens
     (plus clean VAE tokens where configured). A target image is a `noise` span of VAE tokens,
-    followed — when later tokens read it — by the same clean tokens a context image has, so a
-    generated image is seen exactly as a given one at inference. Ends with EOS.
+    followed by the same clean tokens a context image has (`clean_copy`), so a generated image
+    is seen exactly as a given one at inference. Ends with EOS.
 
     Loss: the next-token label of position i is token i+1 when that token is target text (or any
     text with text_loss="all"), the BOI of a target image (the model learns *when* to draw), or
@@ -463,8 +463,7 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
     has_targets = any(getattr(s, "role", None) == "target" for s in doc.segments)
     build = _Builder(doc_index)
     build.text([tokenizer.bos_id], loss=False)
-    last_content = len(items) - 1
-    for n, (item, segment_index) in enumerate(items):
+    for item, segment_index in items:
         segment = doc.segments[segment_index]
         if isinstance(item, str):
             assert isinstance(segment, TextSegment)
@@ -480,7 +479,10 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
         build.next_position += 1
         if item.role == "target":
             build.image([("noise", vae[1])], "noise", segment_index, item.role, tokenizer.image_id, position)
-            if config.clean_copy and n < last_content:
+            # The clean copy is kept even for a final image: at inference a generated image is
+            # always appended before the model decides what follows (more text, another image
+            # or EOS), so training must show that decision with the same context.
+            if config.clean_copy:
                 clean = [vit, vae] if config.context_as_vae else [vit]
                 build.image(clean, "full", segment_index, item.role, tokenizer.image_id, position)
         else:

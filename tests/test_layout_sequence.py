@@ -42,15 +42,20 @@ def test_compose_sequence_structure(tokenizer):
     ids = seq.token_ids.tolist()
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
     kinds = [(p.kind, p.role, p.end - p.start) for p in seq.images]
-    assert kinds == [("vit", "reference", 16), ("vit", "reference", 16), ("noise", "target", 16)]
+    # The target: noise span, then its clean copy (ViT + VAE) for whatever the model does next.
+    assert kinds == [("vit", "reference", 16), ("vit", "reference", 16), ("noise", "target", 16),
+                     ("vit", "target", 16), ("vae", "target", 16)]
     # References through the ViT only (Inset): no VAE tokens of inputs, so nothing to copy.
-    assert not any(p.kind == "vae" for p in seq.images)
-    for p in seq.images:
+    assert not any(p.kind == "vae" and p.role == "reference" for p in seq.images)
+    for p in seq.images[:2]:
         assert ids[p.start - 1] == tokenizer.boi_id and ids[p.end] == tokenizer.eoi_id
         assert set(seq.expert[p.start : p.end].tolist()) == {UND if p.kind == "vit" else GEN}
         assert set(seq.position_ids[p.start : p.end].tolist()) == {p.position}
+    noise, clean_vit, clean_vae = seq.images[2:]
+    assert ids[noise.start - 1] == tokenizer.boi_id and ids[clean_vae.end] == tokenizer.eoi_id
+    assert clean_vit.start == noise.end and clean_vae.start == clean_vit.end
     modes = [s.mode for s in seq.spans]
-    assert modes == ["causal", "full", "causal", "full", "causal", "noise", "causal"]
+    assert modes == ["causal", "full", "causal", "full", "causal", "noise", "full", "causal"]
     # Text between the references is read in sentence order.
     first_eoi = seq.images[0].end
     second_boi = seq.images[1].start - 1
@@ -73,7 +78,7 @@ def test_loss_targets_when_to_draw_and_when_to_stop(tokenizer):
 
 def test_references_as_vae_switch(tokenizer):
     seq = layout_document(compose_doc(), tokenizer, LayoutConfig(**{**CONFIG.__dict__, "references_as_vae": True}))
-    assert [p.kind for p in seq.images] == ["vit", "vae", "vit", "vae", "noise"]
+    assert [p.kind for p in seq.images] == ["vit", "vae", "vit", "vae", "noise", "vit", "vae"]
     vit, vae = seq.images[0], seq.images[1]
     assert vae.start == vit.end and vit.position == vae.position  # one image, one position
 
@@ -127,9 +132,9 @@ def test_packing_keeps_documents_apart_and_fills_rows(tokenizer):
     assert all(r.length == budget for r in rows)
     assert sum(len(r.documents) for r in rows) == 10
     assert sum(r.real_tokens for r in rows) == sum(s.length for s in singles)
-    # Lengths are 67 (compose) and 123 (story); rows can hold SS, SC or CCC, never SCC (257),
-    # so five stories and five composes need 5 rows at best: best-fit decreasing finds that.
-    assert sorted(s.length for s in singles[:2]) == [67, 123]
+    # Lengths are 99 (compose) and 123 (story): a row holds at most two documents (the three
+    # shortest need 297), so ten documents need 5 rows at best; best-fit decreasing finds that.
+    assert sorted(s.length for s in singles[:2]) == [99, 123]
     assert len(rows) == 5
     assert packing_efficiency(rows) == sum(s.length for s in singles) / (len(rows) * budget)
     for row in rows:
@@ -208,7 +213,7 @@ def test_guidance_branches_drop_the_right_conditions(tokenizer):
         assert got.validate() == []
         # Every branch still lays out, ending with the target's noise span.
         seq = layout_document(got, tokenizer, CONFIG)
-        assert seq.images[-1].kind == "noise"
+        assert [p.kind for p in seq.images if p.role == "target"] == ["noise", "vit", "vae"]
     # Every branch a guidance rule asks for is one we can build.
     for rule in RULES:
         for branch in required_branches(rule):
