@@ -437,6 +437,13 @@ class _Builder:
         self._span(start, len(self.ids), mode)
 
 
+def clean_token_kinds(role: str, config: LayoutConfig) -> list[ImageTokenKind]:
+    """Which clean tokens stand for a finished image of `role`: ViT always, VAE as configured
+    (references: `references_as_vae`; context and generated images: `context_as_vae`)."""
+    as_vae = config.references_as_vae if role == "reference" else config.context_as_vae
+    return ["vit", "vae"] if as_vae else ["vit"]
+
+
 def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_index: int = 0,
                     supervise_text: bool = True) -> SequenceLayout:
     """One Document -> its token sequence (see `SequenceLayout`).
@@ -467,23 +474,20 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
             continue
         assert isinstance(item, ImageSegment)
         height, width = _image_size(item, config)
-        vit = ("vit", config.vit_grid(height, width))
-        vae = ("vae", config.vae_grid(height, width))
+        grids = {"vit": config.vit_grid(height, width), "vae": config.vae_grid(height, width)}
+        clean = [(kind, grids[kind]) for kind in clean_token_kinds(item.role, config)]
         build.text([tokenizer.boi_id], loss=item.role == "target")
         position = build.next_position
         build.next_position += 1
         if item.role == "target":
-            build.image([("noise", vae[1])], "noise", segment_index, item.role, tokenizer.image_id, position)
+            build.image([("noise", grids["vae"])], "noise", segment_index, item.role, tokenizer.image_id, position)
             # The clean copy is kept even for a final image: at inference a generated image is
             # always appended before the model decides what follows (more text, another image
             # or EOS), so training must show that decision with the same context.
             if config.clean_copy:
-                clean = [vit, vae] if config.context_as_vae else [vit]
                 build.image(clean, "full", segment_index, item.role, tokenizer.image_id, position)
         else:
-            as_vae = config.references_as_vae if item.role == "reference" else config.context_as_vae
-            build.image([vit, vae] if as_vae else [vit], "full", segment_index, item.role,
-                        tokenizer.image_id, position)
+            build.image(clean, "full", segment_index, item.role, tokenizer.image_id, position)
         build.text([tokenizer.eoi_id], loss=False)
     build.text([tokenizer.eos_id], loss=has_targets or config.text_loss == "all")
     if not supervise_text:
