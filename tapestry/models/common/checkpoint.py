@@ -11,7 +11,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from tapestry.atomic import atomic_file, atomic_write_text
