@@ -143,8 +143,10 @@ def view(
 
 
 # Command groups living beside their code; each module imports its heavy parts lazily.
+from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
 
+app.command("generate")(generate_command)
 app.command("inspect")(inspect_command)
 
 

@@ -407,10 +407,12 @@ def _folder_image_name(number: int, segment: ImageSegment, extension: str) -> st
     return f"images/{stem}.{extension}"
 
 
-def save_folder(doc: Document, path: str | os.PathLike) -> Path:
-    """Write `path/doc.json` and `path/images/*`; an existing folder is replaced atomically."""
+def save_folder(doc: Document, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write `path/doc.json` and `path/images/*` (plus `extra_files`, name -> bytes, such as a
+    viewer page); an existing folder is replaced atomically."""
     path = Path(path)
     record, files = _stored_dict(doc, _folder_image_name)
+    files = files + sorted((extra_files or {}).items())
     with atomic_dir(path) as tmp:
         for src, data in files:
             target = tmp / src
