@@ -1,0 +1,70 @@
+"""Steps both video pipelines share: probe + decode into shots, per-frame quality, ids, provenance."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from tapestry.data.operators.base import Rejected, Rejection, StageStats
+from tapestry.data.operators.quality import Aesthetic, Exposure, ImageScorer, Sharpness
+from tapestry.data.operators.video import Frame, Shot, VideoInfo
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
+                  ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".gif")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def source_stem(path: str, info: VideoInfo) -> str:
+    """A readable, unique id prefix: the file name (safe characters only) + 8 hex of its hash."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-.") or "video"
+    return f"{stem[:80]}-{info.sha256[:8]}"
+
+
+def timed_iter(items: Iterable[T], stats: StageStats, stage: str) -> Iterator[T]:
+    """Yield from `items`, adding the time spent producing each item to `stage`."""
+    iterator = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            stats.add_seconds(stage, time.perf_counter() - start)
+        yield item
+
+
+def frame_quality(frame: Frame, sharpness: Sharpness, exposure: Exposure, aesthetic: Aesthetic,
+                  scorer: ImageScorer, stats: StageStats) -> Rejection | None:
+    """None when the frame passes all three quality filters, else the first rejection."""
+    for op, run in ((sharpness, lambda: sharpness.check(frame)), (exposure, lambda: exposure.check(frame)),
+                    (aesthetic, lambda: aesthetic.check(frame, scorer))):
+        with stats.timed(op.name):
+            try:
+                run()
+            except Rejected as r:
+                stats.count(op.name, seen=1, kept=0)
+                return r.rejection
+        stats.count(op.name, seen=1, kept=1)
+    return None
+
+
+def map_concurrently(fn: Callable[[T], R], items: list[T], limit: int) -> list[R]:
+    """fn over items with at most `limit` at once, results in order (model calls wait on I/O)."""
+    if limit <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(limit, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def shot_provenance(shot: Shot) -> dict[str, Any]:
+    return {"index": shot.index, "start": round(shot.start, 3), "end": round(shot.end, 3)}
+
+
+def source_provenance(path: str, info: VideoInfo) -> dict[str, Any]:
+    return {"path": path, "name": Path(path).name, "sha256": info.sha256, "bytes": info.size_bytes,
+            **info.to_json()}

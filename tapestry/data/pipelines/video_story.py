@@ -1,0 +1,236 @@
+"""`video-story` (ILLUME-X §4.1): videos -> multi-interval windows -> filtered frames ->
+three-level captions -> interleaved story Documents.
+
+Per video: decode once into shots; cut each shot into windows of k frames every `interval`
+seconds at several scales; drop frames that are blurred, badly exposed or ugly; walk each window
+keeping a frame only when it moved enough (optical flow) and differs enough (embeddings) from the
+last kept one; windows left with fewer than `min_frames` are rejected with the reason of their
+last drop. Survivors are captioned by a VLM at three levels and written as
+
+    [global description]                       text, context
+    [frame 1] [frame 1 description]            image + text, context
+    [change 1->2] [frame 2] [frame 2 descr.]   text + image + text, target
+    ...
+
+so a model learns to continue a visual story from its start; all captions are also kept in
+`meta.captions` for other layouts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tapestry.data.operators.base import Rejected, Rejection, StageStats, operator_versions
+from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
+from tapestry.data.operators.motion import Motion
+from tapestry.data.operators.redundancy import Redundancy
+from tapestry.data.operators.shots import Shots
+from tapestry.data.operators.video import Decode, Frame
+from tapestry.data.operators.vlm import StoryCaptions
+from tapestry.data.operators.windows import Window, Windows
+from tapestry.data.pipelines import config as config_io
+from tapestry.data.pipelines.video_common import (
+    VIDEO_SUFFIXES,
+    frame_quality,
+    map_concurrently,
+    shot_provenance,
+    source_provenance,
+    source_stem,
+    timed_iter,
+)
+from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.records import ImageEncoding, InputItem, InputResult
+from tapestry.document import Document, TextSegment
+
+
+@dataclass(frozen=True)
+class StoryOutput:
+    min_frames: int = 2  # a window needs at least this many frames left after filtering
+    max_windows_per_video: int | None = None  # sample this many (seeded) before captioning
+    image: ImageEncoding = field(default_factory=ImageEncoding)
+
+
+@dataclass(frozen=True)
+class VideoStoryConfig:
+    decode: Decode = field(default_factory=Decode)
+    shots: Shots = field(default_factory=Shots)
+    windows: Windows = field(default_factory=Windows)
+    sharpness: Sharpness = field(default_factory=Sharpness)
+    exposure: Exposure = field(default_factory=Exposure)
+    aesthetic: Aesthetic = field(default_factory=Aesthetic)
+    motion: Motion = field(default_factory=Motion)
+    redundancy: Redundancy = field(default_factory=Redundancy)
+    captions: StoryCaptions = field(default_factory=StoryCaptions)
+    output: StoryOutput = field(default_factory=StoryOutput)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.windows.check_grid(self.decode.grid_step_s)
+        if self.output.min_frames < 2:
+            raise ValueError("output.min_frames must be at least 2 (a story needs two frames)")
+
+
+class VideoStory:
+    name: ClassVar[str] = "video-story"
+    version: ClassVar[str] = "1"
+    config_class: ClassVar[type] = VideoStoryConfig
+    input_suffixes: ClassVar[tuple[str, ...]] = VIDEO_SUFFIXES
+
+    def __init__(self, config: VideoStoryConfig):
+        self.config = config
+        self.fingerprint = config_io.fingerprint(config)
+        self._scorer = config.aesthetic.scorer_fn()
+        self._embedder = config.redundancy.embedder_fn()
+
+    # ------------------------------------------------------------ filtering
+    def filter_window(self, window: Window, stats: StageStats) -> tuple[list[Frame], list[dict[str, float]]]:
+        """The frames of `window` that survive, and the motion/redundancy scores of each kept
+        frame against the one kept before it. Rejected when fewer than `min_frames` remain."""
+        c = self.config
+        good: list[Frame] = []
+        last_drop: Rejection | None = None
+        for frame in window.frames:
+            problem = frame_quality(frame, c.sharpness, c.exposure, c.aesthetic, self._scorer, stats)
+            if problem is None:
+                good.append(frame)
+            else:
+                last_drop = problem
+        kept = good[:1]
+        pair_scores: list[dict[str, float]] = []
+        for frame in good[1:]:
+            where = f"{kept[-1].time:.2f}->{frame.time:.2f} s: "
+            try:
+                with stats.timed(c.motion.name):
+                    scores = c.motion.measure(kept[-1], frame)
+                    stats.count(c.motion.name, seen=1)
+                    c.motion.check(scores, where)
+                    stats.count(c.motion.name, kept=1)
+                with stats.timed(c.redundancy.name):
+                    scores.update(c.redundancy.measure(kept[-1], frame, self._embedder))
+                    stats.count(c.redundancy.name, seen=1)
+                    c.redundancy.check(scores, where)
+                    stats.count(c.redundancy.name, kept=1)
+            except Rejected as r:
+                last_drop = r.rejection
+                continue
+            kept.append(frame)
+            pair_scores.append(scores)
+        if len(kept) < c.output.min_frames:
+            assert last_drop is not None
+            raise Rejected(last_drop.stage, last_drop.code,
+                           f"{len(kept)} of {len(window.frames)} frames left; last drop: {last_drop.detail}")
+        return kept, pair_scores
+
+    # --------------------------------------------------------------- process
+    def process(self, item: InputItem, provider: Any) -> InputResult:
+        c = self.config
+        stats = StageStats()
+        result = InputResult(item.key, item.path)
+        try:
+            with stats.timed("probe"):
+                info = c.decode.probe(item.path)
+            stats.count("probe", seen=1, kept=1)
+        except Rejected as r:
+            stats.count("probe", seen=1)
+            result.failed = True
+            result.rejections.append(r.rejection)
+            result.stats = stats.to_json()
+            return result
+        stem = source_stem(item.path, info)
+        decoded: dict[str, float] = {}
+        candidates: list[tuple[str, Window, list[Frame], list[dict[str, float]]]] = []
+        rejections: list[Rejection] = []
+        try:
+            shots = c.decode.shots(info, c.shots.detector_for_video(), decoded)
+            for shot in timed_iter(shots, stats, "decode"):
+                stats.count("shots", kept=1)
+                with stats.timed("windows"):
+                    windows = c.windows.windows(shot, c.decode.grid_step_s)
+                stats.count("windows", kept=len(windows))
+                for window in windows:
+                    record = window.record_id(stem)
+                    try:
+                        frames, pair_scores = self.filter_window(window, stats)
+                    except Rejected as r:
+                        rejections.append(_with_record(r.rejection, record))
+                        continue
+                    candidates.append((record, window, frames, pair_scores))
+        except Rejected as r:  # the file broke mid-way: nothing from it is trusted
+            result.failed = True
+            result.rejections.append(r.rejection)
+            result.stats = stats.to_json()
+            return result
+        stats.count("decode", seen=1, kept=1)
+        result.video_seconds = decoded.get("seconds", 0.0)
+        stats.count("filters", seen=len(candidates) + len(rejections), kept=len(candidates))
+        if c.output.max_windows_per_video is not None and len(candidates) > c.output.max_windows_per_video:
+            rng = random.Random(f"{c.seed}:{stem}")
+            chosen = sorted(rng.sample(range(len(candidates)), c.output.max_windows_per_video))
+            for i in sorted(set(range(len(candidates))) - set(chosen)):
+                rejections.append(Rejection("sample", "over-cap", f"more than {c.output.max_windows_per_video} "
+                                            "windows in this video", record=candidates[i][0]))
+            candidates = [candidates[i] for i in chosen]
+
+        def caption(candidate: tuple[str, Window, list[Frame], list[dict[str, float]]]) -> Document | Rejection:
+            record, window, frames, pair_scores = candidate
+            request = c.captions.request([f.rgb for f in frames], [f.time for f in frames], c.seed)
+            try:
+                captions, _ = ask_json(provider, request, StoryCaptions.check(len(frames)), provider.repairs)
+            except BudgetExhausted:
+                raise
+            except ProviderError as e:
+                return Rejection(c.captions.name, f"provider-{e.code}", e.message, record, failure=True)
+            return self.document(record, item.path, info, window, frames, pair_scores, captions, provider)
+
+        with stats.timed(c.captions.name):
+            try:
+                outcomes = map_concurrently(caption, candidates, provider.max_concurrency)
+            except BudgetExhausted as e:
+                result.stopped = str(e)
+                outcomes = []
+        stats.count(c.captions.name, seen=len(candidates),
+                    kept=sum(isinstance(o, Document) for o in outcomes))
+        for outcome in outcomes:
+            if isinstance(outcome, Document):
+                result.docs.append(outcome)
+            else:
+                rejections.append(outcome)
+        result.rejections.extend(rejections)
+        result.stats = stats.to_json()
+        return result
+
+    def document(self, record: str, path: str, info: Any, window: Window, frames: list[Frame],
+                 pair_scores: list[dict[str, float]], captions: dict[str, Any], provider: Any) -> Document:
+        c = self.config
+        segments: list[Any] = [TextSegment(captions["global"])]
+        for i, frame in enumerate(frames):
+            role = "context" if i == 0 else "target"
+            if i > 0:
+                segments.append(TextSegment(captions["transitions"][i - 1], role))
+            scores = dict(frame.scores)
+            if i > 0:
+                scores.update(pair_scores[i - 1])
+            segments.append(c.output.image.segment(frame.rgb, role, f"frame{i + 1}",
+                                                   {"time": frame.time, "scores": scores}))
+            segments.append(TextSegment(captions["frames"][i], role))
+        meta = {
+            "source": source_provenance(path, info),
+            "shot": shot_provenance(window.shot),
+            "window": {"scale": window.scale.label, "frames": window.scale.frames,
+                       "interval": window.scale.interval, "times": [f.time for f in window.frames],
+                       "kept_times": [f.time for f in frames]},
+            "pipeline": {"name": self.name, "version": self.version, "config": self.fingerprint,
+                         "seed": c.seed},
+            "operators": operator_versions(c.decode, c.shots, c.windows, c.sharpness, c.exposure,
+                                           c.aesthetic, c.motion, c.redundancy, c.captions),
+            "provider": {"name": provider.name, "model": provider.model,
+                         "prompts": {c.captions.task: c.captions.version}},
+            "captions": captions,
+        }
+        return Document(record, segments, meta)
+
+
+def _with_record(rejection: Rejection, record: str) -> Rejection:
+    return Rejection(rejection.stage, rejection.code, rejection.detail, record, rejection.failure)

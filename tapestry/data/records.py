@@ -1,0 +1,74 @@
+"""What flows between the parts of a data engine: inputs, jobs for workers, and their results."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tapestry.data.operators.base import Rejection
+from tapestry.document import Document, ImageSegment
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input file. `key` identifies it in the resume manifest (its resolved path)."""
+
+    index: int
+    path: str
+    key: str
+
+
+@dataclass
+class InputResult:
+    """Everything a worker returns for one input. `failed` marks inputs that could not be read at
+    all (bad files); `stopped` marks inputs left unfinished (the provider budget ran out), which
+    are not recorded as done so a rerun picks them up."""
+
+    key: str
+    path: str
+    docs: list[Document] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    usage: dict[str, float] = field(default_factory=dict)
+    video_seconds: float = 0.0
+    failed: bool = False
+    stopped: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's record of this input (no pixels)."""
+        out: dict[str, Any] = {"key": self.key, "path": self.path, "docs": len(self.docs),
+                               "video_seconds": round(self.video_seconds, 3),
+                               "rejections": [r.to_json() for r in self.rejections],
+                               "stats": self.stats, "usage": self.usage}
+        if self.failed:
+            out["failed"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How output images are stored in shards: JPEG (video frames are lossy already; 5-10x smaller
+    than PNG and faster to write) or PNG."""
+
+    format: str = "jpeg"  # "jpeg" or "png"
+    quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.format not in ("jpeg", "png"):
+            raise ValueError(f"image format must be 'jpeg' or 'png', got {self.format!r}")
+
+    def segment(self, pixels: np.ndarray, role: str, name: str | None = None,
+                meta: dict[str, Any] | None = None) -> ImageSegment:
+        """An image segment holding encoded bytes only (cheap to pickle back from a worker)."""
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        buffer = io.BytesIO()
+        if self.format == "jpeg":
+            image.save(buffer, format="JPEG", quality=self.quality)
+        else:
+            image.save(buffer, format="PNG")
+        return ImageSegment(role=role, name=name, width=image.width, height=image.height,  # type: ignore[arg-type]
+                            meta=meta or {}, encoded=buffer.getvalue())
