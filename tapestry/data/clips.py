@@ -67,12 +67,13 @@ def static_scene(width: int, height: int, seed: int = 0) -> FrameFn:
 
 
 def moving_scene(width: int, height: int, seed: int = 0, palette: str = "warm",
-                 pan_px_per_s: float = 0.0, object_speed: float = 0.35) -> FrameFn:
-    """A coloured object crossing a textured canvas (object_speed: frame widths per second),
-    optionally with a camera pan. Motion is local (one object) so the flow field has variance."""
+                 pan_px_per_s: float = 0.0, object_speed: float = 0.35, object_size: float = 0.25) -> FrameFn:
+    """A coloured object crossing a textured canvas (object_speed: frame widths per second;
+    object_size: share of the short side), optionally with a camera pan (which makes every
+    keypoint move, not only the object's)."""
     margin = int(pan_px_per_s * 60) + 1
     canvas = textured_canvas(width + margin, height, seed, palette)
-    size = max(6, min(width, height) // 4)
+    size = max(6, int(min(width, height) * object_size))
     rng = np.random.default_rng(seed + 1)
     colour = tuple(int(v) for v in rng.integers(60, 256, 3))
 

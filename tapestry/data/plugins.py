@@ -1,13 +1,15 @@
 """Pluggable image models (aesthetic scorers, embedders) from a spec string, loaded locally.
 
-    torchscript:/path/dir   a folder with `model.pt` (TorchScript, takes [1, 3, S, S] float
-                            input, returns [1, D] or [1]) and an optional `config.json`:
+    torch:/path/dir         a folder with `model.pt2` (a `torch.export` program) or `model.pt`
+                            (TorchScript), taking [1, 3, S, S] float input and returning
+                            [1, D] or [1], and an optional `config.json`:
                             {"image_size": 224, "mean": [0.485, 0.456, 0.406],
                              "std": [0.229, 0.224, 0.225]}
     python:module:function  any callable taking an [H, W, 3] uint8 RGB array
 
-Nothing is ever downloaded: a model you want (a DINOv2 or MANIQA export, say) is exported to
-TorchScript once, elsewhere, and copied into a folder.
+Nothing is ever downloaded: a model you want (a DINOv2 or MANIQA, say) is exported once,
+elsewhere, with `torch.export.save(torch.export.export(model, (example,)), "model.pt2")`, and
+its folder copied here.
 """
 
 from __future__ import annotations
@@ -37,17 +39,18 @@ def load_image_model(spec: str) -> ImageModel:
         except (ImportError, AttributeError) as e:
             raise TapestryError(f"plugin {spec!r}: {e}") from None
         return lambda rgb: np.asarray(fn(rgb), dtype=np.float32)
-    if kind == "torchscript":
-        return _torchscript_model(Path(rest))
-    raise TapestryError(f"plugin {spec!r}: expected 'torchscript:/dir' or 'python:module:function'")
+    if kind == "torch":
+        return _torch_model(Path(rest))
+    raise TapestryError(f"plugin {spec!r}: expected 'torch:/dir' or 'python:module:function'")
 
 
-def _torchscript_model(folder: Path) -> ImageModel:
+def _torch_model(folder: Path) -> ImageModel:
     import torch
 
-    weights = folder / "model.pt"
-    if not weights.is_file():
-        raise TapestryError(f"plugin folder {folder}: model.pt not found")
+    exported, scripted = folder / "model.pt2", folder / "model.pt"
+    if not exported.is_file() and not scripted.is_file():
+        raise TapestryError(f"plugin folder {folder}: neither model.pt2 (torch.export) nor model.pt "
+                            "(TorchScript) found")
     config = {"image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     if (folder / "config.json").is_file():
         try:
@@ -55,9 +58,12 @@ def _torchscript_model(folder: Path) -> ImageModel:
         except ValueError as e:
             raise TapestryError(f"plugin folder {folder}: config.json is not valid JSON: {e}") from None
     try:
-        model = torch.jit.load(str(weights), map_location="cpu").eval()
+        if exported.is_file():
+            model = torch.export.load(str(exported)).module()
+        else:
+            model = torch.jit.load(str(scripted), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad archive
-        raise TapestryError(f"plugin folder {folder}: cannot load model.pt: {e}") from None
+        raise TapestryError(f"plugin folder {folder}: cannot load the model: {e}") from None
     size = int(config["image_size"])
     mean = torch.tensor(config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(config["std"], dtype=torch.float32).view(1, 3, 1, 1)

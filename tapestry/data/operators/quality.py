@@ -82,7 +82,9 @@ def heuristic_aesthetic(rgb: np.ndarray) -> float:
     gray = x.mean(axis=2)
     contrast = float(gray.std())
     unclipped = float(((gray > 8) & (gray < 247)).mean())
-    score = (0.35 * min(colourfulness / 60.0, 1.0) + 0.4 * min(contrast / 55.0, 1.0) + 0.25 * unclipped)
+    # the unclipped share only counts when there is contrast: a flat grey frame clips nothing
+    score = (0.35 * min(colourfulness / 60.0, 1.0) + 0.4 * min(contrast / 55.0, 1.0)
+             + 0.25 * unclipped * min(contrast / 10.0, 1.0))
     return round(score, 4)
 
 
@@ -92,14 +94,14 @@ ImageScorer = Callable[[np.ndarray], float]
 @dataclass(frozen=True)
 class Aesthetic:
     """A pluggable aesthetic/quality scorer. `scorer` is 'heuristic' (default, local and cheap),
-    'torchscript:/dir' (a local model directory, see `tapestry.data.plugins`) or
+    'torch:/dir' (a local model directory, see `tapestry.data.plugins`) or
     'python:module:function' (any callable taking an [H, W, 3] uint8 RGB array, returning a float)."""
 
     name: ClassVar[str] = "aesthetic"
     version: ClassVar[str] = "1"
 
     scorer: str = "heuristic"
-    min_score: float = 0.25
+    min_score: float = 0.2
 
     def scorer_fn(self) -> ImageScorer:
         if self.scorer == "heuristic":

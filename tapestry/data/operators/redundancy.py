@@ -3,7 +3,7 @@
 
 The default embedder is computed locally and needs no weights: a zero-mean 16x16 grey thumbnail
 (layout) joined with an 8x4x4 HSV colour histogram (palette). Any local model can replace it
-(`embedder = 'torchscript:/dir'` or `'python:module:function'`, see `tapestry.data.plugins`).
+(`embedder = 'torch:/dir'` or `'python:module:function'`, see `tapestry.data.plugins`).
 """
 
 from __future__ import annotations

@@ -127,6 +127,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sniff_container(path: Path) -> str | None:
+    """The video container family its first bytes announce (None: not a known video container)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "MP4/MOV"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "Matroska/WebM"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "AVI"
+    if head[:3] == b"FLV":
+        return "FLV"
+    if head[:4] == b"OggS":
+        return "Ogg"
+    if head[:1] == b"\x47" or head[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"):
+        return "MPEG"
+    return None
+
+
 def _open(path: Path):
     import av
 
@@ -137,6 +159,10 @@ def _open(path: Path):
     except av.error.PermissionError:
         raise Rejected(STAGE, "unreadable", "permission denied", failure=True) from None
     except (av.error.InvalidDataError, av.error.EOFError) as e:
+        family = sniff_container(path)
+        if family is not None:
+            raise Rejected(STAGE, "corrupt", f"a damaged or truncated {family} file: its index cannot be "
+                           f"read ({_short(e)})", failure=True) from None
         raise Rejected(STAGE, "not-a-video",
                        f"no container format PyAV can read ({_short(e)})", failure=True) from None
     except av.error.FFmpegError as e:
@@ -284,8 +310,9 @@ class Decode:
                     raise Rejected(STAGE, "corrupt", f"no frame could be decoded: {_short(e)}",
                                    failure=True) from None
                 if not self.allow_truncated:
-                    raise Rejected(STAGE, "corrupt", f"decoding failed at {last_time:.2f} s: {_short(e)}",
-                                   failure=True) from None
+                    of = f" of {info.duration:.2f} s" if info.duration else ""
+                    raise Rejected(STAGE, "corrupt", f"decoding failed at {last_time:.2f} s{of} (damaged or "
+                                   f"truncated): {_short(e)}", failure=True) from None
         finally:
             container.close()
         if decoded == 0:
