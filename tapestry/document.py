@@ -536,19 +536,7 @@ def canonical_inline(doc: Document) -> Document:
     """
     bindings = doc.bindings()
     out = doc.copy()
-    taken = {s.name for s in out.images() if s.name}
-    counter = 0
-    for b in bindings:
-        image = out.segments[b.image_segment]
-        assert isinstance(image, ImageSegment)
-        if image.name is None:
-            while True:
-                counter += 1
-                candidate = f"img{counter}"
-                if candidate not in taken:
-                    break
-            image.name = candidate
-            taken.add(candidate)
+    _name_unnamed(out, [out.segments[b.image_segment] for b in bindings])  # type: ignore[misc]
     by_segment: dict[int, list[Binding]] = {}
     for b in bindings:
         by_segment.setdefault(b.segment, []).append(b)
@@ -567,6 +555,20 @@ def canonical_inline(doc: Document) -> Document:
             segments.append(s)
     out.segments = segments
     return out
+
+
+def _name_unnamed(doc: Document, images: list[ImageSegment]) -> None:
+    """Give each unnamed image of `images` the first free name img1, img2, … so slots can name it."""
+    taken = {s.name for s in doc.images() if s.name}
+    counter = 0
+    for image in images:
+        if image.name is not None:
+            continue
+        counter += 1
+        while f"img{counter}" in taken:
+            counter += 1
+        image.name = f"img{counter}"
+        taken.add(image.name)
 
 
 # -------------------------------------------------------------------- layouts
@@ -644,17 +646,7 @@ def to_inline(doc: Document) -> Document:
         raise LayoutError(f"document {doc.id!r} does not start with reference images: it is not image-first")
     out = doc.copy()
     leading: list[ImageSegment] = out.segments[:k]  # type: ignore[assignment]
-    taken = {s.name for s in out.images() if s.name}
-    counter = 0
-    for image in leading:
-        if image.name is None:
-            while True:
-                counter += 1
-                candidate = f"img{counter}"
-                if candidate not in taken:
-                    break
-            image.name = candidate
-            taken.add(candidate)
+    _name_unnamed(out, leading)
     found: dict[int, int] = {}  # ordinal -> segment index within out.segments
     matches: dict[int, list[tuple[int, int, int]]] = {}  # segment -> (start, end, ordinal)
     for i in range(k, len(out.segments)):

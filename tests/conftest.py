@@ -36,3 +36,17 @@ def photo():
     from skimage import data
 
     return Image.fromarray(data.astronaut()).resize((64, 64))
+
+
+def tiny_mot_config(vocab_size: int, *, hidden: int = 32, layers: int = 1, heads: int = 2, kv_heads: int = 1,
+                    latent_channels: int = 3, patch_side: int = 8):
+    """A MoT config small enough for tests: ViT patches of 8 px, latents in 2×2 patches."""
+    from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+
+    return MoTConfig(
+        llm=LLMConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads),
+        vit=ViTConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8,
+                      max_patches_per_side=patch_side),
+        latent=LatentConfig(channels=latent_channels, patch_size=2, max_side=patch_side, timestep_freq_dim=32),
+    )

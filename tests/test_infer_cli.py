@@ -10,7 +10,7 @@ from tapestry.cli import app
 from tapestry.infer.engine import GenerationOptions
 from tapestry.infer.pipeline import Pipeline, save_pipeline
 from tapestry.models.common.tokenizer import train_bpe
-from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+from conftest import tiny_mot_config
 from tapestry.models.mot.family import layout_config_for
 from tapestry.models.mot.model import MoTModel
 from tapestry.models.vae.toy import ToyAEConfig, ToyAutoencoder
@@ -25,13 +25,7 @@ def pipeline_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipe")
     tokenizer = train_bpe(["A red circle sits left of a blue star.", "Then it moves."] * 20, vocab_size=300)
     torch.manual_seed(0)
-    config = MoTConfig(
-        llm=LLMConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16),
-        vit=ViTConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8,
-                      max_patches_per_side=8),
-        latent=LatentConfig(channels=4, patch_size=2, max_side=8, timestep_freq_dim=32),
-    )
+    config = tiny_mot_config(tokenizer.vocab_size, latent_channels=4)
     model = MoTModel(config)
     torch.nn.init.normal_(model.latent_out.weight, std=0.05)
     vae = ToyAutoencoder(ToyAEConfig(latent_channels=4, channels=(8, 8, 8), encoder_blocks=(0, 0, 0),

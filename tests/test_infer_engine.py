@@ -6,7 +6,7 @@ from tapestry.document import Document, ImageSegment, TextSegment, from_markup
 from tapestry.infer.engine import Engine, GenerationError, GenerationOptions
 from tapestry.infer.events import Done, ImageDone, ImageProgress, ImageStarted, TextDelta
 from tapestry.models.common.tokenizer import train_bpe
-from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+from conftest import tiny_mot_config
 from tapestry.models.mot.family import layout_config_for
 from tapestry.models.mot.model import MoTModel
 
@@ -16,13 +16,7 @@ def engine():
     tokenizer = train_bpe(["A red circle sits left of a blue star.", "Then it moves.", "red", "draw 1 2 3"] * 20,
                           vocab_size=300)
     torch.manual_seed(0)
-    config = MoTConfig(
-        llm=LLMConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=2, num_kv_heads=1, head_dim=16),
-        vit=ViTConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8,
-                      max_patches_per_side=8),
-        latent=LatentConfig(channels=3, patch_size=2, max_side=8, timestep_freq_dim=32),
-    )
+    config = tiny_mot_config(tokenizer.vocab_size, layers=2)
     model = MoTModel(config)
     torch.nn.init.normal_(model.latent_out.weight, std=0.05)  # a fresh head predicts 0; make it speak
     return Engine(model, tokenizer, AvgPoolCodec(), layout_config_for(config, 4, target_size=(32, 32)))

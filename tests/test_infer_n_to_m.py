@@ -8,7 +8,7 @@ from tapestry.document import Document, ImageSegment, TextSegment
 from tapestry.infer.engine import Engine, GenerationOptions
 from tapestry.layout import layout_document, pack_layouts
 from tapestry.models.common.tokenizer import train_bpe
-from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+from conftest import tiny_mot_config
 from tapestry.models.mot.family import layout_config_for, prepare_row, training_loss
 from tapestry.models.mot.model import MoTModel
 
@@ -29,13 +29,7 @@ def test_trained_model_draws_the_number_of_images_the_prompt_asks_for():
     tokenizer = train_bpe([howto(n, 0).segments[0].text + " Step 1. Step 2. Step 3." for n in WORDS] * 10,
                           vocab_size=280)
     torch.manual_seed(0)
-    config = MoTConfig(
-        llm=LLMConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=12),
-        vit=ViTConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8,
-                      max_patches_per_side=4),
-        latent=LatentConfig(channels=3, patch_size=2, max_side=4, timestep_freq_dim=32),
-    )
+    config = tiny_mot_config(tokenizer.vocab_size, hidden=48, layers=2, heads=4, kv_heads=2, patch_side=4)
     model = MoTModel(config)
     layout = layout_config_for(config, AvgPoolCodec.downsample, target_size=(16, 16))
     codec = AvgPoolCodec()

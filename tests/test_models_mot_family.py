@@ -6,7 +6,7 @@ from PIL import Image
 from tapestry.document import Document, ImageSegment, TextSegment, from_markup
 from tapestry.layout import GEN, UND, concat_layouts, dense_mask, layout_document
 from tapestry.models.common.tokenizer import train_bpe
-from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+from conftest import tiny_mot_config
 from tapestry.models.mot.family import (
     embed_row,
     layout_config_for,
@@ -38,13 +38,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def setup(tokenizer):
     torch.manual_seed(0)
-    config = MoTConfig(
-        llm=LLMConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=16),
-        vit=ViTConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, patch_size=8,
-                      max_patches_per_side=8),
-        latent=LatentConfig(channels=3, patch_size=2, max_side=8, timestep_freq_dim=32),
-    )
+    config = tiny_mot_config(tokenizer.vocab_size)
     model = MoTModel(config)
     # A fresh model predicts v = 0 (zero output projection); give it a random head so the
     # generation path's gradients and outputs are not trivially zero in these tests.
