@@ -1,0 +1,334 @@
+"""The training loop: one code path for one process, DDP and FSDP2, on CPU or GPU.
+
+    train(config, run_dir, resume=False, quiet=False)
+
+A step: pack the global batch (every process packs the same rows), take this process's rows,
+attach pixels and noised latents (seeded per step and row), forward + backward through the
+LossModule, clip, AdamW, EMA. At each stage start the model, its wrappers and the optimizer are
+built afresh with that stage's freeze set and loaded from the checkpoint written at the end of
+the previous stage — the same thing a resumed run does, which is why a stage change needs no
+special case in DDP or FSDP2 and why resume matches an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tapestry.errors import TapestryError
+from tapestry.layout import LayoutConfig
+from tapestry.models.mot.config import MoTConfig
+from tapestry.models.mot.family import layout_config_for, prepare_row
+from tapestry.models.mot.model import MoTModel
+from tapestry.train import checkpoint as ckpt
+from tapestry.train.codecs import load_codec
+from tapestry.train.config import TrainConfig, TrainConfigError, config_from_data, dump_toml
+from tapestry.train.data import DocumentStream, build_source
+from tapestry.train.loss import LossModule, batch_totals
+from tapestry.train.metrics import MetricsLog, Progress
+from tapestry.train.optim import EMA, apply_freeze, build_optimizer, set_lr, stage_lr
+from tapestry.train.packing import Packer
+from tapestry.train.parallel import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    clip_grad_norm,
+    fill_missing_grads,
+    init_distributed,
+    parallelize,
+    shutdown,
+)
+
+CONFIG_FILE = "config.toml"
+TOKENIZER_DIR = "tokenizer"
+# Fields a resumed run may change; anything else would make it a different run.
+RESUMABLE_CHANGES = ("stages.", "checkpoint.", "log.", "eval.", "parallel.")
+
+
+class TrainError(TapestryError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run is built from
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def check_resumable(saved: TrainConfig, new: TrainConfig) -> None:
+    from tapestry.train.config import to_dict
+
+    a, b = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
+        raise TrainError(f"--resume with a config that changes what is trained ({shown}); only "
+                         f"{', '.join(p.rstrip('.') for p in RESUMABLE_CHANGES)} may change. Resume with the "
+                         "run's own config.toml, or start a new run folder")
+
+
+def row_seed(seed: int, step: int, row: int) -> int:
+    """Seed of the noise and timesteps of one row of one step (same in every process layout)."""
+    return int(np.random.SeedSequence([seed, 0xF10, step, row]).generate_state(1)[0])
+
+
+def make_stream(config: TrainConfig) -> DocumentStream:
+    return DocumentStream([build_source(s, config.seed) for s in config.data.sources], config.seed)
+
+
+def default_weights(config: TrainConfig, stage) -> dict[str, float]:
+    weights = {s.name: s.weight for s in config.data.sources}
+    weights.update(stage.mixture)
+    return weights
+
+
+def tokenizer_texts(config: TrainConfig) -> list[str]:
+    """Text of the first `model.tokenizer_docs` documents of an equal mixture of the sources
+    (so every task's words are covered), plus English prose."""
+    from tapestry.models.common.tokenizer import general_english
+
+    stream = make_stream(config)
+    equal = {s.name: 1.0 for s in config.data.sources}
+    texts = []
+    for _ in range(config.model.tokenizer_docs):
+        doc = stream.draw(equal).document
+        texts.extend(item for item in doc.reading_order() if isinstance(item, str))
+    if config.model.tokenizer_english_chars:
+        texts.extend(general_english(config.model.tokenizer_english_chars))
+    return texts
+
+
+def load_tokenizer(config: TrainConfig, run_dir: Path, d: Dist):
+    from tapestry.models.common.tokenizer import TextTokenizer, train_bpe
+
+    if config.model.tokenizer:
+        return TextTokenizer.load(config.model.tokenizer)
+    if config.model.init_from:
+        return TextTokenizer.load(config.model.init_from)
+    folder = run_dir / TOKENIZER_DIR
+    if d.is_main and not (folder / "tokenizer.json").is_file():
+        train_bpe(tokenizer_texts(config), config.model.vocab_size).save(folder)
+    barrier(d)
+    return TextTokenizer.load(folder)
+
+
+def model_config_for(config: TrainConfig, tokenizer, codec) -> MoTConfig:
+    if config.model.init_from:
+        return MoTConfig.load(Path(config.model.init_from) / "config.json")
+    m = config.model
+    return MoTConfig(
+        llm=replace(m.llm, vocab_size=tokenizer.vocab_size),
+        vit=m.vit if m.use_vit else None,
+        latent=replace(m.latent, channels=codec.latent_channels) if m.use_latent else None,
+    ).validate()
+
+
+def layout_for(config: TrainConfig, model_config: MoTConfig, codec) -> LayoutConfig:
+    choices = config.layout
+    return layout_config_for(
+        model_config, codec.downsample, references_as_vae=choices.references_as_vae,
+        context_as_vae=choices.context_as_vae, clean_copy=choices.clean_copy, text_loss=choices.text_loss,
+        target_size=tuple(choices.target_size))
+
+
+@dataclass
+class Built:
+    module: torch.nn.Module  # the LossModule, wrapped for DDP or sharded in place by FSDP2
+    model: MoTModel
+    optimizer: torch.optim.AdamW
+    ema: EMA | None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, run_dir: str | Path, d: Dist, quiet: bool = False):
+        self.config, self.run_dir, self.d, self.quiet = config, Path(run_dir), d, quiet
+        self.config_toml = dump_toml(config)
+        self.tokenizer = load_tokenizer(config, self.run_dir, d)
+        self.codec = load_codec(config.model.vae)
+        self.model_config = model_config_for(config, self.tokenizer, self.codec)
+        self.layout = layout_for(config, self.model_config, self.codec)
+        self.packer = Packer(make_stream(config), self.tokenizer, self.layout, config.dropout, config.seed,
+                             config.data.budget, config.data.rows, config.data.lookahead)
+        if config.data.rows % d.world_size:
+            raise TrainConfigError(f"data.rows = {config.data.rows} does not split over {d.world_size} processes; "
+                                   f"use a multiple of {d.world_size}")
+
+    # -- building -------------------------------------------------------------------------------
+
+    def build(self, stage) -> Built:
+        torch.manual_seed(self.config.seed)  # the same initial weights in every process
+        if self.config.model.init_from:
+            model = MoTModel.from_pretrained(self.config.model.init_from, device=self.d.device)
+        else:
+            with torch.device(self.d.device):
+                model = MoTModel(self.model_config)
+        model.train()
+        apply_freeze(model, stage.freeze)
+        module = parallelize(LossModule(model), self.config.parallel, self.d)
+        optimizer = build_optimizer(module, self.config)
+        ema = EMA(module, self.config.ema.decay) if self.config.ema.decay > 0 else None
+        return Built(module, model, optimizer, ema)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self, built: Built, step: int, stage) -> dict[str, Any]:
+        config, d = self.config, self.d
+        started = time.perf_counter()
+        batch = self.packer.next_batch(default_weights(config, stage))
+        per_rank = config.data.rows // d.world_size
+        mine = range(d.rank * per_rank, (d.rank + 1) * per_rank)
+        inputs = [prepare_row(batch.rows[r], batch.documents[r], self.layout, self.codec,
+                              torch.Generator().manual_seed(row_seed(config.seed, step, r)),
+                              config.data.timestep_shift) for r in mine]
+        latent = self.model_config.latent
+        totals = batch_totals(batch.rows, latent.channels if latent else 0, latent.patch_size if latent else 1)
+
+        _, _, in_stage = config.stage_at(step)
+        lr = stage_lr(config, stage, in_stage)
+        set_lr(built.optimizer, stage, lr)
+        built.optimizer.zero_grad(set_to_none=True)
+        autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if config.parallel.autocast == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            loss, sums = built.module(inputs, totals, stage.text_weight, stage.flow_weight, d.world_size)
+        loss.backward()
+        fill_missing_grads(built.module)
+        grad_norm = clip_grad_norm(built.module, config.optim.grad_clip)
+        built.optimizer.step()
+        if built.ema is not None and step + 1 >= config.ema.start:
+            if step + 1 == config.ema.start:
+                built.ema.copy_from(built.module)
+            else:
+                built.ema.update(built.module)
+
+        text_sum, flow_sum = all_reduce_sum(d, sums).tolist()
+        text_loss = text_sum / totals.text_tokens if totals.text_tokens else 0.0
+        flow_loss = flow_sum / totals.flow_elements if totals.flow_elements else 0.0
+        seconds = time.perf_counter() - started
+        return {
+            "step": step + 1, "stage": stage.name,
+            "loss": stage.text_weight * text_loss + stage.flow_weight * flow_loss,
+            "text_loss": text_loss, "flow_loss": flow_loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": batch.real_tokens, "tokens_per_s": batch.real_tokens / seconds,
+            "packing": batch.efficiency, "docs": self.packer.stream.drawn - len(self.packer.waiting),
+            "seconds": seconds,
+        }
+
+    # -- the whole run --------------------------------------------------------------------------
+
+    def save(self, built: Built, step: int, stage_index: int, tokens: int, lr: float) -> Path:
+        trainer = {"stage": stage_index, "tokens": tokens, "lr": lr, "world_size": self.d.world_size,
+                   "mode": self.d.mode}
+        return ckpt.save_checkpoint(self.run_dir, step, self.d, built.module, built.optimizer, built.ema,
+                                    trainer, self.packer.state(), self.config_toml, self.config.checkpoint.keep)
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to the end (or to global step `stop_after`, where a checkpoint is written)."""
+        config, d = self.config, self.d
+        latest = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise TrainError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
+                             "or choose another --out")
+        step, tokens = 0, 0
+        if latest is not None:
+            import json
+
+            trainer_state = json.loads((latest / "trainer.json").read_text(encoding="utf-8"))
+            step, tokens = int(trainer_state["step"]), int(trainer_state["tokens"])
+        if d.is_main:
+            ckpt.clean_partials(self.run_dir)
+        barrier(d)
+        total = config.total_steps
+        end = min(total, stop_after) if stop_after is not None else total
+        metrics = MetricsLog(self.run_dir, d.is_main, config.log.tensorboard, step if latest is not None else None)
+        progress = Progress(total, step, self.quiet or not d.is_main)
+        if latest is not None:
+            progress.message(f"resuming from {latest} (step {step})")
+        record: dict[str, Any] | None = None
+        last_lr = 0.0
+        load_from = latest
+        try:
+            while step < end:
+                stage_index, stage, _ = config.stage_at(step)
+                stage_end = sum(s.steps for s in config.stages[: stage_index + 1])
+                built = self.build(stage)
+                if load_from is not None:
+                    _, data_state = ckpt.load_checkpoint(load_from, d, built.module, built.optimizer, built.ema)
+                    if load_from == latest:  # within a run the packer already holds this state
+                        self.packer.load_state(data_state)
+                while step < min(stage_end, end):
+                    record = self.step(built, step, stage)
+                    step += 1
+                    tokens += record["tokens"]
+                    last_lr = record["lr"]
+                    logged = step % config.log.every == 0 or step == total
+                    if logged:
+                        metrics.write({**record, "tokens_seen": tokens})
+                    progress.update(step, record if logged else None)
+                    if step % config.checkpoint.every == 0 or step in (stage_end, end):
+                        load_from = self.save(built, step, stage_index, tokens, last_lr)
+                del built
+        finally:
+            progress.close()
+            metrics.close()
+        return {"step": step, "tokens": tokens, "last": record, "checkpoint": str(ckpt.latest_checkpoint(self.run_dir))}
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, d: Dist) -> TrainConfig:
+    """Check the run folder against the config and write the config into it (main process)."""
+    saved_path = run_dir / CONFIG_FILE
+    if resume and saved_path.is_file():
+        from tapestry.train.config import load_config
+
+        check_resumable(load_config(saved_path), config)
+    if d.is_main:
+        from tapestry.atomic import atomic_write_text
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_path, dump_toml(config))
+    barrier(d)
+    return config
+
+
+def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or with `resume`, continue) the run in `run_dir`; returns a small summary."""
+    d = init_distributed(config.parallel)
+    try:
+        run_dir = Path(run_dir)
+        if not resume and d.is_main and ckpt.latest_checkpoint(run_dir) is not None:
+            raise TrainError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
+                             "or choose another --out")
+        prepare_run_dir(config, run_dir, resume, d)
+        if d.is_main and not quiet:
+            print(f"# tapestry train -> {run_dir}\n{dump_toml(config)}", flush=True)
+        return Trainer(config, run_dir, d, quiet).run(resume, stop_after)
+    finally:
+        shutdown(d)
+
+
+__all__ = ["Trainer", "TrainError", "train", "check_resumable", "config_from_data"]

@@ -1,0 +1,123 @@
+"""Named parameter groups, freezing, AdamW, the learning-rate schedule and EMA.
+
+Groups of the `mot` model (every parameter belongs to exactly one):
+
+    embeddings  embed_tokens (and a tied lm_head)
+    und         the understanding expert of every layer + its final norm
+    gen         the generation expert of every layer + its final norm
+    vit         the NaViT encoder
+    connector   ViT features -> decoder width
+    latent_io   latent_in, latent_out, time_embed (the generation path around the decoder)
+    lm_head     the language head
+
+A stage freezes groups by turning `requires_grad` off before the model is wrapped for
+DDP/FSDP, so frozen weights get no gradient, no optimizer step and stay bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+
+from tapestry.train.config import PARAM_GROUPS, ScheduleConfig, StageConfig, TrainConfig
+
+_GROUP_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)embed_tokens\.", "embeddings"),
+    (r"(^|\.)layers\.\d+\.und\.|(^|\.)norm_und\.", "und"),
+    (r"(^|\.)layers\.\d+\.gen\.|(^|\.)norm_gen\.", "gen"),
+    (r"(^|\.)vit\.", "vit"),
+    (r"(^|\.)connector\.", "connector"),
+    (r"(^|\.)(latent_in|latent_out|time_embed)\.", "latent_io"),
+    (r"(^|\.)lm_head\.", "lm_head"),
+)
+
+
+def group_of(name: str) -> str:
+    """The parameter group of a parameter name (any wrapper prefix is ignored)."""
+    for pattern, group in _GROUP_RULES:
+        if re.search(pattern, name):
+            return group
+    raise ValueError(f"parameter {name!r} belongs to no group; groups: {PARAM_GROUPS}")
+
+
+def named_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAM_GROUPS}
+    for name, param in module.named_parameters():  # tied weights appear once, under their first name
+        groups[group_of(name)].append((name, param))
+    return groups
+
+
+def apply_freeze(module: nn.Module, freeze: list[str]) -> None:
+    for name, param in module.named_parameters():
+        param.requires_grad_(group_of(name) not in freeze)
+
+
+def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over every parameter, frozen or not, so the optimizer state keeps one structure
+    through all stages. Param groups: one per named group and decay kind; 1-D tensors (norms,
+    biases) take no weight decay."""
+    o = config.optim
+    param_groups = []
+    for group, params in named_groups(module).items():
+        for decay in (True, False):
+            chosen = [p for _, p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                param_groups.append({"params": chosen, "group": group,
+                                     "weight_decay": o.weight_decay if decay else 0.0, "lr": o.lr})
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def stage_lr(config: TrainConfig, stage: StageConfig, step_in_stage: int) -> float:
+    """Learning rate at a step of a stage: linear warm-up, then cosine (to min_lr_ratio) or constant."""
+    schedule: ScheduleConfig = config.schedule
+    peak = stage.lr or config.optim.lr
+    warmup = schedule.warmup if stage.warmup < 0 else stage.warmup
+    decay = stage.decay or schedule.decay
+    if warmup and step_in_stage < warmup:
+        return peak * (step_in_stage + 1) / warmup
+    if decay == "constant":
+        return peak
+    span = max(1, stage.steps - warmup)
+    progress = min(1.0, (step_in_stage - warmup) / span)
+    floor = peak * schedule.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, stage: StageConfig, lr: float) -> None:
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr * stage.lr_scale.get(param_group["group"], 1.0)
+
+
+def local(t: Tensor) -> Tensor:
+    """The part of a tensor this process holds (the local shard of an FSDP2 DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    """Exponential moving average of the parameters, in fp32, of each process's own shard.
+
+    Under FSDP2 the shadow tensors are DTensors with the parameters' placements: each process
+    holds and updates only its shard, so no process ever keeps a full copy (BAGEL's EMA kept
+    full host copies and ran out of host RAM at scale).
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shadow = [p.detach().to(torch.float32).clone() for _, p in module.named_parameters()]
+
+    @torch.no_grad()
+    def copy_from(self, module: nn.Module) -> None:
+        for s, (_, p) in zip(self.shadow, module.named_parameters(), strict=True):
+            local(s).copy_(local(p.detach()))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        params = [local(p.detach()).to(torch.float32) for _, p in module.named_parameters()]
+        torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.shadow, strict=True))
