@@ -235,6 +235,8 @@ def summarize(manifest: Manifest, items: list[InputItem], pre_failed: list[Input
     record_failures = sum(1 for r in records for x in r.get("rejections", []) if x.get("failure") and not r.get("failed"))
     done = sum(1 for r in records if not r.get("failed"))
     exit_code = EXIT_PARTIAL if failed_inputs or record_failures else EXIT_OK
+    order = {stage: i for i, stage in enumerate(pipeline_class(options.pipeline).stages)}
+    stage_table = dict(sorted(stages.to_json().items(), key=lambda kv: order.get(kv[0], len(order))))
     video_seconds = this_run["video_seconds"]
     return {
         "pipeline": options.pipeline,
@@ -247,7 +249,7 @@ def summarize(manifest: Manifest, items: list[InputItem], pre_failed: list[Input
         "documents": sum(r.get("docs", 0) for r in latest.values()),
         "documents_this_run": this_run["documents"],
         "shards": manifest.shards(),
-        "stages": stages.to_json(),
+        "stages": stage_table,
         "rejections": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
         "provider": {"kind": options.provider.kind, "model": options.provider.model,

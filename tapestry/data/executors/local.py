@@ -32,7 +32,8 @@ class LocalExecutor:
         # forkserver: workers fork from a clean server process, never from this one (which may
         # hold threads: the progress bar, a provider's pool), with the heavy modules preloaded.
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["tapestry.data.executors.worker", "numpy", "cv2", "av"])
+        context.set_forkserver_preload(["tapestry.data.executors.worker", "tapestry.data.pipelines",
+                                        "scenedetect.detectors", "numpy", "cv2", "av"])
         return ProcessPoolExecutor(self.workers, mp_context=context, initializer=configure_process)
 
     def map(self, jobs: list[Job]) -> Iterator[tuple[int, InputResult]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,6 +57,8 @@ class RayExecutor:
                 raise TapestryError(f"cannot start or reach Ray ({self.address or 'local cluster'}): {e}") from None
             started_here = True
         try:
+            # Ray Data warns about its own deprecated settings whenever a context is copied.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\..*")
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.execution_options.preserve_order = False  # the engine restores input order

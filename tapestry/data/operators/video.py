@@ -255,8 +255,12 @@ class Decode:
         `detector` is a fresh `shots.ShotDetector`. `stats`, when given, receives `seconds`
         (video decoded) and `frames` (frames decoded)."""
         import av
+        from av.video.reformatter import VideoReformatter
 
         path = Path(info.path)
+        # One reformatter per output size keeps its scaling context between frames; a fresh
+        # one per frame (what frame.to_ndarray(width=...) does) costs more than the decoding.
+        to_analysis, to_output = VideoReformatter(), VideoReformatter()
         frame_w, frame_h = scaled_size(info.width, info.height, self.frame_size)
         an_w, an_h = scaled_size(info.width, info.height, self.analysis_size)
         stride = max(1, int(round(info.fps / self.analysis_fps)))
@@ -273,7 +277,10 @@ class Decode:
         frame_period = 1.0 / info.fps
         try:
             stream = container.streams.video[0]
-            stream.thread_type = "SLICE"  # one worker per process already uses the cores
+            # One decoding thread: executors run one worker process per core, and FFmpeg's own
+            # threads would only fight them for the same cores.
+            stream.thread_type = "NONE"
+            stream.codec_context.thread_count = 1
             if self.start_s > 0 and stream.time_base is not None:
                 container.seek(int(self.start_s / stream.time_base) + (stream.start_time or 0),
                                stream=stream, backward=True)
@@ -291,16 +298,16 @@ class Decode:
                         break
                     last_time = t
                     if decoded % stride == 0:
-                        small = frame.to_ndarray(width=an_w, height=an_h, format="bgr24",
-                                                 interpolation="FAST_BILINEAR")
+                        small = to_analysis.reformat(frame, width=an_w, height=an_h, format="bgr24",
+                                                     interpolation="FAST_BILINEAR").to_ndarray()
                         for cut in detector.push(t, small):
                             yield from self._close(pending, shot_index, shot_start, cut)
                             shot_index += 1
                             shot_start = cut
                             pending = [f for f in pending if f.time >= cut]
                     if t >= next_grid - frame_period / 2:
-                        rgb = frame.to_ndarray(width=frame_w, height=frame_h, format="rgb24",
-                                               interpolation="AREA")
+                        rgb = to_output.reformat(frame, width=frame_w, height=frame_h, format="rgb24",
+                                                 interpolation="AREA").to_ndarray()
                         pending.append(Frame(round(t, 4), decoded, rgb, self.work_size))
                         while next_grid <= t + frame_period / 2:
                             next_grid += self.grid_step_s

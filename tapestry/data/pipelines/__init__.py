@@ -1,5 +1,6 @@
 """Named pipelines. A pipeline is a class with `name`, `version`, `config_class`,
-`input_suffixes` and `process(item, provider) -> InputResult`; executors only ever see that."""
+`input_suffixes`, `stages` (the order its statistics are shown in) and
+`process(item, provider) -> InputResult`; executors only ever see that."""
 
 from __future__ import annotations
 

@@ -114,6 +114,9 @@ class VideoStateChange:
     version: ClassVar[str] = "1"
     config_class: ClassVar[type] = VideoStateChangeConfig
     input_suffixes: ClassVar[tuple[str, ...]] = VIDEO_SUFFIXES
+    stages: ClassVar[tuple[str, ...]] = ("probe", "decode", "shots", "pairs", "sharpness", "exposure", "aesthetic",
+                                         "orb", "filters", "seek", "change-check", "correspondence", "boxes",
+                                         "instruction")
 
     def __init__(self, config: VideoStateChangeConfig):
         self.config = config

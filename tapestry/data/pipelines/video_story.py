@@ -77,6 +77,8 @@ class VideoStory:
     version: ClassVar[str] = "1"
     config_class: ClassVar[type] = VideoStoryConfig
     input_suffixes: ClassVar[tuple[str, ...]] = VIDEO_SUFFIXES
+    stages: ClassVar[tuple[str, ...]] = ("probe", "decode", "shots", "windows", "sharpness", "exposure",
+                                         "aesthetic", "motion", "redundancy", "filters", "captions")
 
     def __init__(self, config: VideoStoryConfig):
         self.config = config

@@ -98,4 +98,6 @@ def make_provider(config: ProviderConfig, cache_dir: str | os.PathLike | None = 
     cache = ResponseCache(cache_dir) if cache_dir is not None and config.use_cache and config.kind != "offline" else None
     budget = Budget(config.max_tokens_budget, config.max_cost_budget, config.price_in, config.price_out,
                     Path(budget_ledger) if budget_ledger is not None else None)
-    return Guarded(inner, cache, budget, config.max_concurrency, config.repairs)
+    # Offline answers are computed, not awaited: threads would only compete for the cores.
+    concurrency = 1 if config.kind == "offline" else config.max_concurrency
+    return Guarded(inner, cache, budget, concurrency, config.repairs)
