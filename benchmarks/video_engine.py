@@ -122,7 +122,8 @@ def main() -> None:
             source = prepare_inputs(folder)
         else:
             source = f"prepared videos in {folder}"
-        base = {"resolution": f"{WIDTH}x{HEIGHT}", "fps": FPS, "videos": N_VIDEOS, "video_seconds": N_VIDEOS * VIDEO_SECONDS,
+        base = {"resolution": f"{WIDTH}x{HEIGHT}", "fps": FPS, "videos": N_VIDEOS,
+                "video_seconds": N_VIDEOS * VIDEO_SECONDS,
                 "source": source, "provider": "offline", "repeats": repeats, "cores": os.cpu_count(),
                 "load_average_1m": round(os.getloadavg()[0], 2)}
         runs: dict[tuple[str, int], dict] = {}

@@ -281,6 +281,18 @@ def test_failed_inputs_are_retried_by_the_next_run(media, tmp_path):
     assert rejection_log(out) == [] or all(not r.get("failure") for r in rejection_log(out))
 
 
+def test_invalid_documents_become_rejections_in_the_worker():
+    from tapestry.data.executors.worker import keep_valid
+    from tapestry.data.records import InputResult
+    from tapestry.document import Document, TextSegment
+
+    good = Document("ok", [TextSegment("fine")])
+    bad = Document("bad", [TextSegment("x")], {"blob": "y" * 2_000_000})  # metadata over the limit
+    result = keep_valid(InputResult("k", "p", docs=[good, bad]))
+    assert [d.id for d in result.docs] == ["ok"]
+    assert [(r.reason, r.record, r.failure) for r in result.rejections] == [("document:invalid", "bad", True)]
+
+
 # --------------------------------------------------------- provider failures
 def test_failed_model_calls_reject_records_and_never_crash_the_run(media, tmp_path):
     dead = ProviderConfig(kind="openai", model="vlm", base_url="http://127.0.0.1:9/v1", max_retries=0,

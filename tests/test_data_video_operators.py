@@ -16,7 +16,12 @@ from tapestry.data.operators.base import Rejected, StageStats  # noqa: E402
 from tapestry.data.operators.boxes import BoxFilter, iou  # noqa: E402
 from tapestry.data.operators.motion import Motion  # noqa: E402
 from tapestry.data.operators.orb import OrbStatic  # noqa: E402
-from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness, heuristic_aesthetic  # noqa: E402
+from tapestry.data.operators.quality import (  # noqa: E402
+    Aesthetic,
+    Exposure,
+    Sharpness,
+    heuristic_aesthetic,
+)
 from tapestry.data.operators.redundancy import Redundancy, thumbnail_histogram_embedding  # noqa: E402
 from tapestry.data.operators.shots import Shots  # noqa: E402
 from tapestry.data.operators.video import Decode, Frame  # noqa: E402
@@ -87,10 +92,10 @@ def test_grid_frames_at_output_size(clip_dir):
 
 def test_start_and_max_seconds_seek_into_the_video(clip_dir):
     stats: dict[str, float] = {}
-    decode = Decode(start_s=3.0, max_seconds=2.0)
+    decode = Decode(start_s=2.5, max_seconds=2.0)
     shots = list(decode.shots(decode.probe(clip_dir / "moving.mp4"), Shots().detector_for_video(), stats))
     times = [f.time for s in shots for f in s.frames]
-    assert times == pytest.approx([3.0, 4.0])
+    assert times == pytest.approx([2.5, 3.5])  # the grid starts where decoding starts
     assert stats["seconds"] == pytest.approx(2.0, abs=0.11)
 
 

@@ -62,7 +62,8 @@ def video(
     price_in: float = typer.Option(0.0, "--price-in", help="Price per million prompt tokens."),
     price_out: float = typer.Option(0.0, "--price-out", help="Price per million completion tokens."),
     settings: list[str] = typer.Option([], "--set", help="Change one config field: SECTION.FIELD=VALUE, e.g. "
-                                       "motion.min_mean=0.8 or windows.scales=2x1,5x3 (repeatable; see --show-config)."),
+                                       "motion.min_mean=0.8 or windows.scales=2x1,5x3 (repeatable; see "
+                                       "--show-config)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A JSON file with config fields to change."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling and model calls; part of the config."),
     shard_size: int = typer.Option(256, "--shard-size", min=1, help="Documents per shard."),
@@ -102,7 +103,7 @@ def video(
             raise TapestryError(f"pipeline {pipeline!r} does not read videos")
         config = build_config(pipeline, config_file, settings, seed)
     except TapestryError as e:
-        raise _fail(str(e))
+        raise _fail(str(e)) from None
     if show_config:
         print(json.dumps(config_io.to_dict(config), indent=1))
         return
@@ -117,7 +118,7 @@ def video(
             max_tokens_budget=budget_tokens, max_cost_budget=budget_usd, price_in=price_in,
             price_out=price_out, seed=seed)
     except (TapestryError, TypeError) as e:
-        raise _fail(str(e))
+        raise _fail(str(e)) from None
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     options = EngineOptions(pipeline, config, provider_config, out, executor, workers, ray_address, shard_size,
                             progress=not quiet and not json_output,
@@ -125,7 +126,7 @@ def video(
     try:
         summary = run([str(p) for p in inputs], options)
     except TapestryError as e:
-        raise _fail(str(e))
+        raise _fail(str(e)) from None
     if json_output:
         print(json.dumps(summary, ensure_ascii=False))
     elif not quiet:
@@ -145,7 +146,8 @@ def _print_summary(summary: dict) -> None:
             + f" -> {summary['documents']} document(s) in {len(summary['shards'])} shard(s) at {summary['out']}")
     console.print(escape(head))
     console.print(f"{summary['video_seconds']:.1f} s of video in {summary['wall_seconds']:.1f} s "
-                  f"({summary['realtime_factor'] or 0:.1f}x real time, {summary['workers']} {summary['executor']} worker(s))")
+                  f"({summary['realtime_factor'] or 0:.1f}x real time, "
+                  f"{summary['workers']} {summary['executor']} worker(s))")
     table = Table("stage", "in", "out", "seconds", title="stages", title_justify="left")
     for stage, values in summary["stages"].items():
         table.add_row(stage, str(values.get("in", 0)), str(values.get("out", 0)), f"{values.get('seconds', 0):.2f}")

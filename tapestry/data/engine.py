@@ -232,7 +232,8 @@ def summarize(manifest: Manifest, items: list[InputItem], pre_failed: list[Input
             if r.get("failure"):
                 failures[f"{r['stage']}:{r['code']}"] += 1
     failed_inputs = sum(1 for r in records if r.get("failed"))
-    record_failures = sum(1 for r in records for x in r.get("rejections", []) if x.get("failure") and not r.get("failed"))
+    record_failures = sum(1 for r in records if not r.get("failed")
+                          for x in r.get("rejections", []) if x.get("failure"))
     done = sum(1 for r in records if not r.get("failed"))
     exit_code = EXIT_PARTIAL if failed_inputs or record_failures else EXIT_OK
     order = {stage: i for i, stage in enumerate(pipeline_class(options.pipeline).stages)}
@@ -276,7 +277,13 @@ def write_logs(manifest: Manifest, summary: dict[str, Any]) -> None:
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("inputs · {task.fields[video]} · {task.fields[docs]}"), TimeElapsedColumn(),

@@ -65,7 +65,7 @@ class LocalExecutor:
                         else:
                             pending.append(index)
                 if broken:
-                    for future, index in running.items():  # every other job in flight died too
+                    for index in running.values():  # every other job in flight died too
                         crashes[index] = crashes.get(index, 0) + 1
                         if crashes[index] >= MAX_CRASHES:
                             yield index, _crashed(jobs[index])

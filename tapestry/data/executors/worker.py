@@ -56,13 +56,28 @@ def _built(job: Job) -> tuple[Any, Any]:
     return _BUILT[key]
 
 
+def keep_valid(result: InputResult) -> InputResult:
+    """Documents that fail validation become rejections here, in the worker, so the driver
+    never meets an invalid Document when it writes a shard (DESIGN §13: never half-written)."""
+    valid = []
+    for doc in result.docs:
+        problems = doc.validate()
+        if problems:
+            result.rejections.append(Rejection("document", "invalid", "; ".join(p.reason for p in problems)[:500],
+                                               record=doc.id, failure=True))
+        else:
+            valid.append(doc)
+    result.docs = valid
+    return result
+
+
 def run_job(job: Job) -> InputResult:
     try:
         pipeline, provider = _built(job)
         provider.take_usage()
         result = pipeline.process(job.item, provider)
         result.usage = provider.take_usage()
-        return result
+        return keep_valid(result)
     except Exception as e:  # noqa: BLE001 - the edge of a worker: report, never crash the run
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""

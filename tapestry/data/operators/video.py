@@ -271,7 +271,7 @@ class Decode:
         shot_index = 0
         last_time = -1.0
         decoded = 0
-        next_grid = 0.0
+        next_grid = self.start_s  # the grid starts where decoding starts
         origin: float | None = None  # stream time of t = 0
         end_limit = None if self.max_seconds is None else self.start_s + self.max_seconds
         frame_period = 1.0 / info.fps

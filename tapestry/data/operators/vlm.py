@@ -306,8 +306,9 @@ def _offline_story(request: ChatRequest, rng: random.Random) -> str:
         light = "it gets brighter" if delta > 8 else "it gets darker" if delta < -8 else "the light stays the same"
         transitions.append(f"{_direction(*_shift(a, b)).capitalize()}, {moved} and {light}.")
     opening = rng.choice(["A short sequence", "A single shot", "A continuous scene"])
+    first_change = transitions[0][0].lower() + transitions[0][1:-1] if transitions else "nothing happens"
     story = (f"{opening} of {len(frames)} frames over {times[-1] - times[0]:.1f} seconds, mostly "
-             f"{colour_name(frames[0])}; {transitions[0][0].lower() + transitions[0][1:-1] if transitions else 'nothing happens'}.")
+             f"{colour_name(frames[0])}; {first_change}.")
     return json.dumps({"global": story, "frames": described, "transitions": transitions})
 
 

@@ -47,7 +47,8 @@ class Window:
         return self.frames[0].time
 
     def record_id(self, stem: str) -> str:
-        return f"{stem}-s{self.shot.index:03d}-{self.scale.frames}x{self.scale.interval:g}-t{round(self.start * 1000):08d}"
+        scale = f"{self.scale.frames}x{self.scale.interval:g}"
+        return f"{stem}-s{self.shot.index:03d}-{scale}-t{round(self.start * 1000):08d}"
 
 
 @dataclass(frozen=True)

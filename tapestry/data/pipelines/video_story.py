@@ -7,13 +7,13 @@ keeping a frame only when it moved enough (optical flow) and differs enough (emb
 last kept one; windows left with fewer than `min_frames` are rejected with the reason of their
 last drop. Survivors are captioned by a VLM at three levels and written as
 
-    [global description]                       text, context
-    [frame 1] [frame 1 description]            image + text, context
-    [change 1->2] [frame 2] [frame 2 descr.]   text + image + text, target
+    [global description]                          text, context
+    [frame 1 description] [frame 1]               text + image, context
+    [change 1->2] [frame 2 description] [frame 2]  text + text + image, target
     ...
 
-so a model learns to continue a visual story from its start; all captions are also kept in
-`meta.captions` for other layouts.
+so each image follows the words that describe it, and a model learns to continue a visual story
+from its start; all captions are also kept in `meta.captions` for other layouts.
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tapestry.data.operators.base import Rejected, Rejection, StageStats, operator_versions
-from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
+from tapestry.data.operators.base import (
+    Rejected,
+    Rejection,
+    StageStats,
+    operator_versions,
+)
 from tapestry.data.operators.motion import Motion
+from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
 from tapestry.data.operators.redundancy import Redundancy
 from tapestry.data.operators.shots import Shots
 from tapestry.data.operators.video import Decode, Frame
@@ -209,14 +214,13 @@ class VideoStory:
         segments: list[Any] = [TextSegment(captions["global"])]
         for i, frame in enumerate(frames):
             role = "context" if i == 0 else "target"
-            if i > 0:
-                segments.append(TextSegment(captions["transitions"][i - 1], role))
             scores = dict(frame.scores)
             if i > 0:
+                segments.append(TextSegment(captions["transitions"][i - 1], role))
                 scores.update(pair_scores[i - 1])
+            segments.append(TextSegment(captions["frames"][i], role))
             segments.append(c.output.image.segment(frame.rgb, role, f"frame{i + 1}",
                                                    {"time": frame.time, "scores": scores}))
-            segments.append(TextSegment(captions["frames"][i], role))
         meta = {
             "source": source_provenance(path, info),
             "shot": shot_provenance(window.shot),

@@ -95,7 +95,8 @@ def make_provider(config: ProviderConfig, cache_dir: str | os.PathLike | None = 
     else:
         raise TapestryError(f"unknown provider {config.kind!r}: use 'offline' or 'openai'")
     # Offline answers are cheaper to recompute than to read back.
-    cache = ResponseCache(cache_dir) if cache_dir is not None and config.use_cache and config.kind != "offline" else None
+    cached = cache_dir is not None and config.use_cache and config.kind != "offline"
+    cache = ResponseCache(cache_dir) if cached else None  # type: ignore[arg-type]
     budget = Budget(config.max_tokens_budget, config.max_cost_budget, config.price_in, config.price_out,
                     Path(budget_ledger) if budget_ledger is not None else None)
     # Offline answers are computed, not awaited: threads would only compete for the cores.

@@ -12,7 +12,13 @@ import json
 import re
 from typing import Any, Callable, TypeVar
 
-from tapestry.data.providers.base import ChatRequest, ChatResponse, Message, Provider, ProviderError
+from tapestry.data.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    Message,
+    Provider,
+    ProviderError,
+)
 
 T = TypeVar("T")
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)

@@ -13,7 +13,13 @@ import hashlib
 import random
 from typing import Callable
 
-from tapestry.data.providers.base import ChatRequest, ChatResponse, ProviderError, cache_key, estimate_tokens
+from tapestry.data.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    ProviderError,
+    cache_key,
+    estimate_tokens,
+)
 
 Responder = Callable[[ChatRequest, random.Random], str]
 RESPONDERS: dict[str, Responder] = {}

@@ -19,7 +19,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tapestry.data.providers.base import ChatRequest, ChatResponse, ProviderError, png_bytes
+from tapestry.data.providers.base import (
+    ChatRequest,
+    ChatResponse,
+    ProviderError,
+    png_bytes,
+)
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -69,11 +74,12 @@ class OpenAICompatible:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             detail = _excerpt(e.read() if e.fp else b"")
+            hinted = _retry_after(e.headers.get("Retry-After") if e.headers else None)
             raise ProviderError(f"http-{e.code}", f"{url} answered {e.code}: {detail}",
-                                retryable=e.code in RETRYABLE_STATUS,
-                                retry_after=_retry_after(e.headers.get("Retry-After") if e.headers else None)) from None
+                                retryable=e.code in RETRYABLE_STATUS, retry_after=hinted) from None
         except (socket.timeout, TimeoutError):
-            raise ProviderError("timeout", f"{url} did not answer within {self.timeout_s:g} s", retryable=True) from None
+            raise ProviderError("timeout", f"{url} did not answer within {self.timeout_s:g} s",
+                                retryable=True) from None
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (socket.timeout, TimeoutError)):
