@@ -125,8 +125,15 @@ def parallelize(module: nn.Module, config: ParallelConfig, d: Dist) -> nn.Module
         for layer in decoder_layers(module):
             layer.compile(dynamic=True)
     if d.mode == "fsdp":
+        import warnings
+
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
+        # MoTLayer returns its keys and values as transposed views (for the KV cache); FSDP2 warns
+        # that an in-place op on such a view would skip its all-gather. MoTModel never modifies
+        # them in place, so the warning does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         mesh = init_device_mesh(d.device.type, (d.world_size,))
         for layer in decoder_layers(module):
