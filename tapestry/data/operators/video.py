@@ -94,6 +94,8 @@ class Shot:
     start: float
     end: float
     frames: list[Frame]
+    starts_at_cut: bool = False  # False at the start of the video (or of the decoded range)
+    ends_at_cut: bool = False  # False at its end
 
     @property
     def duration(self) -> float:
@@ -340,11 +342,13 @@ class Decode:
         if stats is not None:
             stats["seconds"] = end - self.start_s
             stats["frames"] = decoded
-        yield Shot(shot_index, shot_start, end, [f for f in pending if f.time >= shot_start])
+        yield Shot(shot_index, shot_start, end, [f for f in pending if f.time >= shot_start],
+                   starts_at_cut=shot_index > 0)
 
     @staticmethod
     def _close(pending: list[Frame], index: int, start: float, cut: float) -> Iterator[Shot]:
-        yield Shot(index, start, cut, [f for f in pending if start <= f.time < cut])
+        yield Shot(index, start, cut, [f for f in pending if start <= f.time < cut],
+                   starts_at_cut=index > 0, ends_at_cut=True)
 
     def frames_at(self, path: str | os.PathLike, times: list[float], long_side: int | None = None,
                   seek_gap_s: float = 2.0) -> list[np.ndarray]:

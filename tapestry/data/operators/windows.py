@@ -3,7 +3,7 @@ taken from inside one shot, at several (k, interval) scales at once.
 
 Windows lie on the decoder's time grid (frames kept every `grid_step_s`), so every interval must
 be a multiple of the grid step. A window never crosses a cut and keeps `cut_margin_s` away from
-both ends of its shot (frames right at a cut are often blends or flashes).
+the cuts around its shot (frames right at a cut are often blends or flashes).
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class Windows:
 
     def windows(self, shot: Shot, grid_step_s: float) -> list[Window]:
         """Every window of every scale inside `shot`, in time order per scale."""
-        usable = [f for f in shot.frames
-                  if shot.start + self.cut_margin_s <= f.time <= shot.end - self.cut_margin_s]
+        low = shot.start + (self.cut_margin_s if shot.starts_at_cut else 0.0)
+        high = shot.end - (self.cut_margin_s if shot.ends_at_cut else 0.0)
+        usable = [f for f in shot.frames if low <= f.time <= high]
         if not usable:
             return []
         out: list[Window] = []

@@ -170,7 +170,7 @@ class VideoStateChange:
                 stats.count("shots", kept=1)
                 with stats.timed("pairs"):
                     pairs = c.pairs.windows(shot, c.decode.grid_step_s)
-                stats.count("pairs", kept=len(pairs))
+                stats.count("pairs", seen=1, kept=len(pairs))  # one shot in, its pairs out
                 for window in pairs:
                     record = window.record_id(stem)
                     try:
@@ -180,6 +180,7 @@ class VideoStateChange:
                         continue
                     candidates.append(Candidate(record, window, scores))
             stats.count("decode", seen=1, kept=1)
+            stats.count("shots", seen=1)  # one video in, its shots out
             sources: dict[float, np.ndarray] = {}
             if c.output.crop_from == "native" and candidates:
                 with stats.timed("seek"):

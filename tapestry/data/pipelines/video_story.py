@@ -155,7 +155,7 @@ class VideoStory:
                 stats.count("shots", kept=1)
                 with stats.timed("windows"):
                     windows = c.windows.windows(shot, c.decode.grid_step_s)
-                stats.count("windows", kept=len(windows))
+                stats.count("windows", seen=1, kept=len(windows))  # one shot in, its windows out
                 for window in windows:
                     record = window.record_id(stem)
                     try:
@@ -170,6 +170,7 @@ class VideoStory:
             result.stats = stats.to_json()
             return result
         stats.count("decode", seen=1, kept=1)
+        stats.count("shots", seen=1)  # one video in, its shots out
         result.video_seconds = decoded.get("seconds", 0.0)
         stats.count("filters", seen=len(candidates) + len(rejections), kept=len(candidates))
         if c.output.max_windows_per_video is not None and len(candidates) > c.output.max_windows_per_video:
