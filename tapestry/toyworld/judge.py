@@ -54,12 +54,11 @@ from tapestry.toyworld.render import (
 )
 from tapestry.toyworld.spec import (
     COLOURS,
-    PATTERNS,
     ENTITY_RGB,
-    INK_RGB,
     GRID_SIDE,
+    INK_RGB,
+    PATTERNS,
     SHAPES,
-    Entity,
     PlacedEntity,
     Scene,
 )
@@ -115,7 +114,7 @@ def to_analysis_array(image: Any) -> np.ndarray:
     elif image.mode != "RGB":
         image = image.convert("RGB")
     w, h = image.size
-    side = w if w == h else int(round(math.sqrt(w * h)))
+    side = w if w == h else round(math.sqrt(w * h))
     side = min(max(side, MIN_SIDE), MAX_SIDE)
     if (w, h) != (side, side):
         shrinking = w >= side and h >= side
@@ -238,6 +237,17 @@ def _refine_silhouette(rgb: np.ndarray, labels: np.ndarray, seed: np.ndarray, la
             halo = ndimage.binary_dilation(own_ink, _disk(1)) & near & ~foreground
             solid |= own_ink | halo
     silhouette = silhouette | solid
+    if background is not None:
+        # Ink too light to be ink-class (a thin stripe at low resolution) is still darker than
+        # the background toward ink: inside, where it lies within the entity's closed outline.
+        # (Needed for white entities, whose ink mixtures are greys like a background's.)
+        ink_axis = np.asarray(INK_RGB, dtype=np.float32) - background
+        toward_ink = np.zeros(seed.shape, dtype=bool)
+        toward_ink[region] = ((rgb[region] - background) @ ink_axis) / float(ink_axis @ ink_axis) >= 0.25
+        closed = ndimage.binary_closing(np.pad(silhouette, 2), _disk(2))[2:-2, 2:-2]
+        inky = closed & toward_ink & ~silhouette & ~foreground
+        solid |= inky
+        silhouette |= inky
     # Holes behind a one-pixel notch (a pattern element meeting the edge) are still inside.
     closed = ndimage.binary_closing(np.pad(silhouette, 1), EIGHT)[1:-1, 1:-1]
     filled = ndimage.binary_fill_holes(silhouette | (ndimage.binary_fill_holes(closed) & ~closed))
@@ -245,15 +255,12 @@ def _refine_silhouette(rgb: np.ndarray, labels: np.ndarray, seed: np.ndarray, la
     silhouette = filled
     parts, n = ndimage.label(silhouette, EIGHT)
     if n > 1:
-        # Pieces one pixel apart are one entity (joined by ink/colour mixtures); keep the group
-        # that holds most of the seed.
-        closed = ndimage.binary_closing(np.pad(silhouette, 1), EIGHT)[1:-1, 1:-1] | silhouette
-        groups, _ = ndimage.label(closed, EIGHT)
-        counts = np.bincount(groups[seed & closed], minlength=groups.max() + 1)
-        counts[0] = 0
-        keep = groups == int(counts.argmax()) if counts.any() else groups == 1
-        solid |= keep & ~silhouette
-        silhouette = keep
+        # The seed is one entity: keep every piece that holds some of it, bridged across the
+        # one-pixel gaps (ink/colour mixtures) between them; drop pieces that hold none.
+        keep = np.isin(parts, np.unique(parts[seed & silhouette])) & (parts > 0)
+        bridged = ndimage.binary_closing(np.pad(keep, 1), EIGHT)[1:-1, 1:-1] | keep
+        solid |= bridged & ~keep
+        silhouette = bridged
     # Coverage: alpha on the silhouette's edge pixels and one pixel around it (a blurred edge
     # keeps its profile), 1 inside and where the entity is ink or a hole, 0 further out.
     reach = ndimage.binary_dilation(silhouette, _disk(1)) & region & ~(silhouette & solid)
@@ -314,17 +321,57 @@ def _group_fragments(mask: np.ndarray, min_area: float, reach: float) -> np.ndar
     return groups
 
 
+def _join_pieces(groups: np.ndarray, labels: np.ndarray, reach: float, side: int) -> np.ndarray:
+    """Join parts within `reach` pixels when together they still fit one entity (no larger in
+    area, and no wider, than the largest entity): at 32 px upright stripes can cut an entity into
+    pieces of entity size. Two real entities, whatever their colours, never fit one."""
+    ids = [int(g) for g in np.unique(groups) if g > 0]
+    if not 2 <= len(ids) <= 24:  # many parts: clutter, not an entity broken in two
+        return groups
+    r_large = SIZE_FRACTION["large"] * side / GRID_SIDE / 2.0
+    max_area, max_extent = 1.25 * max_entity_area(side), r_large + 1.0
+
+    def colour(g: int) -> int:
+        values = labels[(groups == g) & (labels >= 0)]
+        return int(np.bincount(values).argmax()) if values.size else -1
+
+    joined = True
+    while joined:
+        joined = False
+        ids = sorted((int(g) for g in np.unique(groups) if g > 0), key=lambda g: -int((groups == g).sum()))
+        for a in ids:
+            near_a = ndimage.distance_transform_edt(groups != a) <= reach
+            for b in ids:
+                if b == a or not (near_a & (groups == b)).any():
+                    continue
+                ca, cb = colour(a), colour(b)
+                # Pieces of another colour join only as a fringe (a quarter of the size or less):
+                # an edge blended with a tinted background can read as the neighbouring hue.
+                if ca >= 0 and cb >= 0 and ca != cb and (groups == b).sum() > 0.25 * (groups == a).sum():
+                    continue
+                union = (groups == a) | (groups == b)
+                ys, xs = np.nonzero(union)
+                extent = np.sqrt((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).max()
+                if ys.size <= max_area and extent <= max_extent:
+                    groups = np.where(groups == b, a, groups)
+                    joined = True
+                    break
+            if joined:
+                break
+    return groups
+
+
 def find_blobs(rgb: np.ndarray, labels: np.ndarray) -> list[Blob]:
     """Entities as blobs, largest first. Ink joins the colour it touches before components are
     taken, so a stripe cutting a thin shape in two does not make two entities."""
     side = rgb.shape[0]
     foreground = labels >= 0
     min_area = min_entity_area(side)
-    reach = 0.5 * SIZE_FRACTION["small"] * side / GRID_SIDE / 2.0
+    reach = max(3.0, 0.5 * SIZE_FRACTION["small"] * side / GRID_SIDE / 2.0)  # a two-pixel gap at least
     # Ink and the pixels around it (ink mixed with colour) hold an entity together; ToyWorld
     # backgrounds have no ink, so this never joins two entities.
     inked = ndimage.binary_dilation(labels == LABEL_INK, EIGHT)
-    parts = _group_fragments(foreground | inked, min_area, reach)
+    parts = _join_pieces(_group_fragments(foreground | inked, min_area, reach), labels, reach, side)
     seeds: list[tuple[np.ndarray, int, float]] = []  # (colour pixels, majority label, purity)
     for index, sl in enumerate(ndimage.find_objects(parts), start=1):
         if sl is None:
@@ -385,7 +432,7 @@ def _soft_iou(templates: np.ndarray, window: np.ndarray, outside: float) -> np.n
 
 
 def _shape_ious(blob: Blob, shape: str, radius: float, angles, side: int, ss: int, blur: float = 0.0) -> np.ndarray:
-    pad = int(math.ceil(2.5 * blur))
+    pad = math.ceil(2.5 * blur)
     box = entity_box(blob.centroid, radius + pad, side)
     x0, y0, w, h = box
     if w == 0 or h == 0:

@@ -17,7 +17,7 @@ filter), so the same spec gives the same pixels on every run.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,6 @@ from tapestry.toyworld.spec import (
     INK_RGB,
     Background,
     Entity,
-    PlacedEntity,
     Scene,
 )
 
@@ -85,7 +84,7 @@ def _polygon_centroid(pts: np.ndarray) -> tuple[np.ndarray, float]:
     return np.array([cx, cy]), abs(area)
 
 
-@lru_cache(maxsize=None)
+@cache
 def unit_polygon(shape: str) -> np.ndarray:
     """The outline of `shape` as [K, 2] points (image axes, y down), centroid at the origin,
     scaled so that every point lies within radius 1."""
@@ -107,7 +106,7 @@ def unit_polygon(shape: str) -> np.ndarray:
     return pts
 
 
-@lru_cache(maxsize=None)
+@cache
 def unit_area(shape: str) -> float:
     """Area of the unit shape (radius-1 frame); the judge turns a measured area into a radius."""
     return _polygon_centroid(unit_polygon(shape))[1]
@@ -245,10 +244,10 @@ class Canvas:
 
 def entity_box(centre: tuple[float, float], radius: float, side: int) -> tuple[int, int, int, int]:
     """Pixel box (x0, y0, w, h) that holds an entity, clipped to the image."""
-    x0 = max(0, int(math.floor(centre[0] - radius)) - 1)
-    y0 = max(0, int(math.floor(centre[1] - radius)) - 1)
-    x1 = min(side, int(math.ceil(centre[0] + radius)) + 1)
-    y1 = min(side, int(math.ceil(centre[1] + radius)) + 1)
+    x0 = max(0, math.floor(centre[0] - radius) - 1)
+    y0 = max(0, math.floor(centre[1] - radius) - 1)
+    x1 = min(side, math.ceil(centre[0] + radius) + 1)
+    y1 = min(side, math.ceil(centre[1] + radius) + 1)
     return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
 
 

@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import replace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from tapestry.toyworld.judge import analyse_image, score_scene
 from tapestry.toyworld.render import render_layers
-from tapestry.toyworld.sampling import pick, random_background, random_entity, random_scene
+from tapestry.toyworld.sampling import (
+    pick,
+    random_background,
+    random_entity,
+    random_scene,
+)
 from tapestry.toyworld.spec import (
     BACKGROUND_KINDS,
     BACKGROUND_RGB,
@@ -182,4 +187,4 @@ def run_self_test(n: int = 100, seed: int = 0, side: int = 64,
     return report
 
 
-__all__ = ["CORRUPTIONS", "THRESHOLDS", "corrupt", "degrade", "run_self_test", "replace"]
+__all__ = ["CORRUPTIONS", "THRESHOLDS", "corrupt", "degrade", "run_self_test"]

@@ -31,7 +31,7 @@ ENTITY_RGB: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 50),
     "orange": (245, 130, 20),
     "yellow": (235, 225, 35),
-    "green": (40, 180, 60),
+    "green": (25, 195, 55),
     "cyan": (30, 200, 215),
     "blue": (45, 85, 235),
     "purple": (155, 60, 220),
@@ -121,7 +121,7 @@ class Entity:
         return {"shape": self.shape, "colour": self.colour, "pattern": self.pattern}
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "entity") -> "Entity":
+    def from_dict(cls, obj: Any, where: str = "entity") -> Entity:
         obj = _object(obj, where, ("shape", "colour"), ("pattern",))
         shape = _choice(obj["shape"], SHAPES, f"{where}.shape")
         colour = _choice(obj["colour"], COLOURS, f"{where}.colour")
@@ -176,7 +176,7 @@ class PlacedEntity:
         return out
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "entity") -> "PlacedEntity":
+    def from_dict(cls, obj: Any, where: str = "entity") -> PlacedEntity:
         obj = _object(obj, where, ("shape", "colour", "cell"), ("pattern", "size", "rotation", "key"))
         entity = Entity.from_dict({k: obj[k] for k in ("shape", "colour", "pattern") if k in obj}, where)
         rotation = obj.get("rotation", 0.0)
@@ -186,7 +186,7 @@ class PlacedEntity:
                    _choice(obj.get("size", "large"), SIZES, f"{where}.size"), float(rotation),
                    obj.get("key"))
 
-    def with_(self, **changes: Any) -> "PlacedEntity":
+    def with_(self, **changes: Any) -> PlacedEntity:
         """A copy with some fields changed; `shape`, `colour`, `pattern` change the identity."""
         ident = {k: changes.pop(k) for k in ("shape", "colour", "pattern") if k in changes}
         if ident:
@@ -238,7 +238,7 @@ class Background:
         return out
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "background") -> "Background":
+    def from_dict(cls, obj: Any, where: str = "background") -> Background:
         obj = _object(obj, where, ("kind", "colours"), ("direction", "seed"))
         colours = obj["colours"]
         if not isinstance(colours, (list, tuple)):
@@ -281,7 +281,7 @@ class Scene:
         return {"background": self.background.to_dict(), "entities": [e.to_dict() for e in self.entities]}
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str = "scene") -> "Scene":
+    def from_dict(cls, obj: Any, where: str = "scene") -> Scene:
         obj = _object(obj, where, ("background", "entities"))
         raw = obj["entities"]
         if not isinstance(raw, (list, tuple)):
