@@ -1,0 +1,196 @@
+"""Judging whole ToyWorld Documents: each task's rule on top of `judge_image`.
+
+    compose, edit   the target image against its scene.
+    story           each frame against its scene (0.8) and identity persistence (0.2): for each
+                    entity present in two consecutive frames, the colour, shape and pattern the
+                    judge reads must change exactly where the story changes them.
+    understand      normalized exact match of the answer (phrases.normalize_answer).
+    howto           image count exact (0.3) and each expected step against the image at its
+                    position (0.7; missing images score 0).
+
+The expected Document (from `tasks.sample` or a benchmark shard) gives the specs; the predicted
+Document gives the pixels (its target images, in order) and the answer (its first target text).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tapestry.document import Document, ImageSegment, TextSegment
+from tapestry.errors import TapestryError
+from tapestry.toyworld.judge import judge_image
+from tapestry.toyworld.phrases import normalize_answer
+from tapestry.toyworld.spec import Scene, SpecError
+
+STORY_WEIGHTS = {"frames": 0.8, "persistence": 0.2}
+HOWTO_WEIGHTS = {"count": 0.3, "steps": 0.7}
+
+
+class JudgeError(TapestryError):
+    """A document cannot be judged (no ToyWorld spec, unknown task, ...); the message says which."""
+
+
+def toyworld_spec(doc: Document) -> dict[str, Any]:
+    spec = doc.meta.get("toyworld") if isinstance(doc.meta, dict) else None
+    if not isinstance(spec, dict) or spec.get("task") not in ("compose", "story", "edit", "understand", "howto"):
+        raise JudgeError(f"document {doc.id!r}: meta.toyworld is missing or names no ToyWorld task; "
+                         "judge Documents made by `tapestry toyworld sample/bench` (or pass --expected)")
+    return spec
+
+
+def _targets(doc: Document) -> list[ImageSegment]:
+    return [s for s in doc.segments if isinstance(s, ImageSegment) and s.role == "target"]
+
+
+def _pixels(segment: ImageSegment) -> Image.Image | None:
+    if segment.image is not None:
+        return segment.image
+    if segment.encoded is not None:
+        try:
+            return Image.open(io.BytesIO(segment.encoded)).convert("RGB")
+        except Exception:  # noqa: BLE001 - undecodable bytes are an image the model failed to make
+            return None
+    return None
+
+
+def _scene_of(segment: ImageSegment, doc: Document, k: int, spec: dict[str, Any]) -> Scene:
+    meta = segment.meta.get("toyworld") if isinstance(segment.meta, dict) else None
+    raw = meta.get("scene") if isinstance(meta, dict) else None
+    if raw is None:
+        scenes = spec.get("scenes") or []
+        if k >= len(scenes):
+            raise JudgeError(f"document {doc.id!r}: target {k + 1} has no scene in its meta or in meta.toyworld.scenes")
+        raw = scenes[k]
+    try:
+        return Scene.from_dict(raw, f"{doc.id}: target {k + 1} scene")
+    except SpecError as e:
+        raise JudgeError(str(e)) from None
+
+
+def _judge_frame(scene: Scene, segment: ImageSegment | None) -> dict[str, Any]:
+    image = _pixels(segment) if segment is not None else None
+    if image is None:
+        return {"total": 0.0, "missing": True}
+    return judge_image(scene, image)
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("total", "present", "cell", "colour", "shape", "pattern", "size", "background", "no_extra", "missing")
+    return {k: result[k] for k in keys if k in result}
+
+
+def _identity(found: dict[str, Any] | None, scores: dict[str, Any]) -> dict[str, Any] | None:
+    if not found:
+        return None
+    # An attribute the judge cannot read at this size is left out of the comparison.
+    return {a: found.get(a) for a in ("colour", "shape", "pattern") if scores.get(a) is not None}
+
+
+def persistence(frames: list[Scene], results: list[dict[str, Any]]) -> float | None:
+    """Share of (entity, consecutive frame pair) whose read identity changes exactly where the
+    expected identity changes; None when no entity spans two frames."""
+    checks = []
+    for k in range(len(frames) - 1):
+        a_res, b_res = results[k], results[k + 1]
+        if "per_entity" not in a_res or "per_entity" not in b_res:
+            keys_a = {e.key for e in frames[k].entities} & {e.key for e in frames[k + 1].entities}
+            checks.extend([0.0] * len(keys_a))
+            continue
+        a_items = {p["expected"].get("key"): p for p in a_res["per_entity"]}
+        b_items = {p["expected"].get("key"): p for p in b_res["per_entity"]}
+        for key in set(a_items) & set(b_items):
+            if key is None:
+                continue
+            pa, pb = a_items[key], b_items[key]
+            if pa.get("readable") is False or pb.get("readable") is False:
+                continue
+            ia, ib = _identity(pa["found"], pa["scores"]), _identity(pb["found"], pb["scores"])
+            if ia is None or ib is None:
+                checks.append(0.0)
+                continue
+            ok = all((ia[attr] == ib[attr]) == (pa["expected"][attr] == pb["expected"][attr])
+                     for attr in set(ia) & set(ib))
+            checks.append(1.0 if ok else 0.0)
+    return float(np.mean(checks)) if checks else None
+
+
+def _answer(doc: Document | None) -> str | None:
+    if doc is None:
+        return None
+    for s in doc.segments:
+        if isinstance(s, TextSegment) and s.role == "target":
+            return s.text
+    return None
+
+
+def judge_document(expected: Document, predicted: Document | None = None) -> dict[str, Any]:
+    """Score `predicted` against `expected` (the same Document with generated targets when
+    `predicted` is None: a benchmark's own ground truth scores ~1)."""
+    spec = toyworld_spec(expected)
+    predicted = expected if predicted is None else predicted
+    task = spec["task"]
+    out: dict[str, Any] = {"id": expected.id, "task": task, "layout": spec.get("layout")}
+    if task == "understand":
+        want, got = spec.get("answer"), _answer(predicted)
+        if want is None:
+            raise JudgeError(f"document {expected.id!r}: meta.toyworld.answer is missing")
+        match = got is not None and normalize_answer(got) == normalize_answer(want)
+        out.update(total=1.0 if match else 0.0, answer=got, expected_answer=want)
+        return out
+    expected_targets = _targets(expected)
+    predicted_targets = _targets(predicted)
+    scenes = [_scene_of(seg, expected, k, spec) for k, seg in enumerate(expected_targets)]
+    if not scenes:
+        raise JudgeError(f"document {expected.id!r}: no target images to judge")
+    results = [_judge_frame(scene, predicted_targets[k] if k < len(predicted_targets) else None)
+               for k, scene in enumerate(scenes)]
+    out["targets"] = [_brief(r) for r in results]
+    frame_mean = float(np.mean([r["total"] for r in results]))
+    if task in ("compose", "edit"):
+        out["total"] = results[0]["total"]
+    elif task == "story":
+        kept = persistence(scenes, results)
+        out["frames"] = round(frame_mean, 4)
+        out["persistence"] = None if kept is None else round(kept, 4)
+        out["total"] = frame_mean if kept is None else (
+            STORY_WEIGHTS["frames"] * frame_mean + STORY_WEIGHTS["persistence"] * kept)
+    else:  # howto
+        count_ok = len(predicted_targets) == len(scenes)
+        out.update(expected_images=len(scenes), images=len(predicted_targets), count=1.0 if count_ok else 0.0,
+                   steps=round(frame_mean, 4))
+        out["total"] = HOWTO_WEIGHTS["count"] * out["count"] + HOWTO_WEIGHTS["steps"] * frame_mean
+    out["total"] = round(float(out["total"]), 4)
+    return out
+
+
+def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean (None for fewer than 2 values)."""
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values, dtype=np.float64)
+    means = data[rng.integers(0, data.size, (n, data.size))].mean(axis=1)
+    return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
+
+
+def summarize(results: Iterable[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Overall, per task and per task/layout means with bootstrap 95% intervals."""
+    results = list(results)
+
+    def block(items: list[dict[str, Any]]) -> dict[str, Any]:
+        totals = [r["total"] for r in items]
+        return {"n": len(items), "mean": round(float(np.mean(totals)), 4) if totals else None,
+                "ci95": bootstrap_ci(totals, seed=seed)}
+
+    by_task: dict[str, list] = {}
+    by_layout: dict[str, list] = {}
+    for r in results:
+        by_task.setdefault(r["task"], []).append(r)
+        by_layout.setdefault(f"{r['task']}/{r.get('layout')}", []).append(r)
+    return {"overall": block(results), "tasks": {k: block(v) for k, v in sorted(by_task.items())},
+            "layouts": {k: block(v) for k, v in sorted(by_layout.items())}}
