@@ -144,6 +144,16 @@ def test_video_state_change_crops_references_from_the_source_frame(media, tmp_pa
         assert doc.meta["change"]["changed"] is True
     codes = {f"{r['stage']}:{r['code']}" for r in rejection_log(tmp_path / "out") if "static" in r["input"]}
     assert codes == {"orb:static-pair"}
+    assert {tuple(r.meta["cropped_from"]) for d in docs for r in d.images() if r.role == "reference"} == {(W, H)}
+    # output frames smaller than the video: references are cropped from the source frame, fetched
+    # again at its own resolution by seeking, not from the small output frame
+    small = run([str(media / "good" / "panning.mp4")],
+                options(tmp_path / "small", "video-state-change", overrides=["decode.frame_size=96"]))
+    assert small["stages"]["seek"]["in"] > 0 and small["documents"] > 0
+    for loaded in scan(tmp_path / "small"):
+        target = loaded.document.images()[-1]
+        assert (target.width, target.height) == (96, 58)
+        assert all(tuple(r.meta["cropped_from"]) == (W, H) for r in loaded.document.images()[:-1])
 
 
 # ------------------------------------------------------------------ bad input

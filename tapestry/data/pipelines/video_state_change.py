@@ -60,7 +60,11 @@ PAIR_SCALES = (Scale(2, 1.0), Scale(2, 3.0))
 
 @dataclass(frozen=True)
 class StateChangeOutput:
-    crop_from: str = "native"  # "native": seek the source frame at full resolution; "kept": output-size frame
+    # "native": crops come from the source frame fetched again by seeking, at up to
+    # `native_max_side` (sharper references than the output-size frame when the video is larger);
+    # "kept": from the output-size frame (no second decode)
+    crop_from: str = "native"
+    native_max_side: int = 1280
     crop_pad: float = 0.1  # extra margin around a box, as a share of its size
     crop_max_side: int = 256
     image: ImageEncoding = field(default_factory=ImageEncoding)
@@ -182,10 +186,13 @@ class VideoStateChange:
             stats.count("decode", seen=1, kept=1)
             stats.count("shots", seen=1)  # one video in, its shots out
             sources: dict[float, np.ndarray] = {}
-            if c.output.crop_from == "native" and candidates:
+            larger = max(info.width, info.height) > c.decode.frame_size  # else kept frames are native
+            if c.output.crop_from == "native" and candidates and larger:
                 with stats.timed("seek"):
                     times = sorted({cand.source.time for cand in candidates})
-                    sources = dict(zip(times, c.decode.frames_at(item.path, times, long_side=None)))
+                    side = min(max(info.width, info.height), c.output.native_max_side)
+                    sources = dict(zip(times, c.decode.frames_at(item.path, times, long_side=side)))
+                stats.count("seek", seen=len(times), kept=len(times))
         except Rejected as r:
             result.failed = True
             result.rejections.append(r.rejection)
@@ -266,7 +273,8 @@ class VideoStateChange:
             segments.append(encode.segment(crops[key], "reference", key,
                                            {"phrase": answer["phrases"][key], "label": obj["name"],
                                             "source_box": obj["source_box"], "target_box": obj["target_box"],
-                                            "change": obj["change"], "time": cand.source.time}))
+                                            "change": obj["change"], "time": cand.source.time,
+                                            "cropped_from": [crop_image.shape[1], crop_image.shape[0]]}))
         segments.append(encode.segment(target, "target", "target",
                                        {"time": cand.target.time, "scores": dict(cand.target.scores)}))
         meta = {
