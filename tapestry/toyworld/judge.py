@@ -1,29 +1,35 @@
 """The ToyWorld judge: scores an image against a scene spec from the pixels alone.
 
 How an image is read (`analyse_image`), with no knowledge of how it was made:
-1. Convert to RGB, make it square, and bring it to an analysis side of 32..128 px.
-2. Classify pixels: ink (value < 0.2), white (value >= 0.86, chroma < 0.2), one of the seven hues
-   (chroma >= 0.3, nearest hue), or background. ToyWorld backgrounds never reach these classes.
-3. Foreground blobs = connected components of coloured/white pixels. Each blob is refined by
-   unmixing: every pixel near it is written as background + alpha * (entity colour - background),
-   with both colours measured locally; alpha >= 0.5 is inside. Ink touching it and holes are
-   filled in, giving the entity's silhouette.
-4. Per blob: colour (majority hue class), cell (silhouette centroid), shape (IoU of the silhouette
-   against each of the 8 shapes drawn at the same centroid and area, best over rotations), size
-   (radius implied by the area and the best-fitting shape), pattern (rotation-invariant statistics
-   of the ink inside the silhouette, compared with those of the same entity drawn alone with each
-   of the 4 patterns).
-5. The background is what is left: its kind (plain / gradient / grid / noise) from a plane fit and
-   the structure of the residual, its colours from the fitted plane.
+1. Convert to RGB (transparent pixels on white), make it square, bring it to 32..128 px.
+2. Classify pixels: ink (value < 0.2), white (neutral and brighter than the background can be),
+   one of the seven hues (chroma >= 0.3, nearest hue), else background. ToyWorld backgrounds
+   never reach these classes (spec.py chooses the colours so).
+3. Foreground parts = connected coloured/white pixels with the ink around them; pieces of one
+   entity cut apart by a pattern at low resolution are joined back when together they still fit
+   one entity. Each part is refined by unmixing: every pixel near it is read as background +
+   alpha * (colour - background), both colours measured locally; alpha >= 0.5 is inside, and
+   alpha is the coverage of edge pixels, so shapes are compared below the pixel.
+4. Per entity: colour (majority class), cell (coverage centroid), shape (soft IoU of the coverage
+   with each of the 8 shapes drawn at the same centroid and area, best over rotations, with the
+   templates softened to the image's own edge blur), size (radius from the area and the shape),
+   pattern (correlation of the ink inside with the ink each pattern leaves in the fitted shape,
+   best over the pattern's orientation; solid = almost no ink).
+5. The background is what is left: its kind (plain / gradient / grid / noise) from a plane fit
+   and the structure of the residual, its colours from the fitted plane.
 
-How a scene is scored (`score_scene`): expected entities are matched one-to-one to blobs so that
-the sum of per-entity scores is largest (Hungarian algorithm); an entity without an admissible
-blob (same colour or at its cell) is missing. Each score lies in [0, 1]:
+How a scene is scored (`score_scene`): expected entities are matched one-to-one to entities read
+so that the sum of per-entity scores is largest (Hungarian algorithm); an entity without an
+admissible match (its colour, or at its cell) is missing. Every score lies in [0, 1]:
 
     entity = 0.15 present + 0.25 cell + 0.20 colour + 0.15 shape + 0.15 pattern + 0.10 size
-    total  = 0.80 mean(entity) + 0.10 background + 0.10 no_extra
+    total  = 0.80 mean(entity) + 0.10 background + 0.10 no_extra,  no_extra = 1 / (1 + 2 extras)
 
-The judge is rotation-free: targets are judged on identity, place and size, not on pose.
+Shape and pattern are judged relative to what the judge reads from a perfect rendering of the
+expected scene at the same resolution (`readable`): a rival shape or pattern counts only if the
+perfect rendering tells it apart, and an attribute (or entity) that the perfect rendering does
+not show at all is not scored (None) and its weight goes to the rest. The judge is rotation-free:
+targets are judged on identity, place and size, not on pose.
 """
 
 from __future__ import annotations
@@ -882,7 +888,7 @@ def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
     n_extra = sum(1 for b in analysis.blobs if b.clutter) + sum(1 for j in range(len(candidates)) if j not in matched)
     # An image with nothing in it earns nothing for having no extras.
     visible = any(r.visible for r in reads)
-    no_extra = 1.0 / (1.0 + n_extra) if (matched or not visible) else 0.0
+    no_extra = 1.0 / (1.0 + 2.0 * n_extra) if (matched or not visible) else 0.0  # one extra: 1/3
     background = score_background(expected.background, analysis.background, side, reference_kind)
     scored = [p for p in per_entity if p.get("readable", True)]
     sub: dict[str, float | None] = {}
@@ -911,3 +917,10 @@ def judge_image(scene: Scene | dict, image: Any) -> dict[str, Any]:
     if isinstance(scene, dict):
         scene = Scene.from_dict(scene)
     return score_scene(scene, analyse_image(image))
+
+
+def judge_document(expected, predicted=None) -> dict[str, Any]:
+    """Score a predicted Document against the expected one (see tapestry.toyworld.evaluate)."""
+    from tapestry.toyworld.evaluate import judge_document as judge
+
+    return judge(expected, predicted)
