@@ -143,11 +143,20 @@ def view(
 
 
 # Command groups living beside their code; each module imports its heavy parts lazily.
+from tapestry.data.cli import app as data_app  # noqa: E402
 from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
+from tapestry.models.vae_cli import app as vae_app  # noqa: E402
+from tapestry.toyworld.cli import app as toyworld_app  # noqa: E402
+from tapestry.train.cli import EXPORT_HELP, TRAIN_HELP, export_command, train_command  # noqa: E402
 
 app.command("generate")(generate_command)
 app.command("inspect")(inspect_command)
+app.command("train", help=TRAIN_HELP)(train_command)
+app.command("export", help=EXPORT_HELP)(export_command)
+app.add_typer(toyworld_app, name="toyworld")
+app.add_typer(data_app, name="data", help="Data engines: raw videos, images and web pages -> Document shards.")
+app.add_typer(vae_app, name="vae")
 
 
 def main() -> None:
