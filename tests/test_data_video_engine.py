@@ -185,6 +185,20 @@ def test_bad_inputs_are_logged_with_their_reason_and_the_run_goes_on(media, tmp_
     assert summary["failures"]["decode:unreadable"] == 2
 
 
+def test_file_names_that_are_not_utf8_or_not_ascii(media, tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    clip = (media / "good" / "panning.mp4").read_bytes()
+    (folder / "ünïcödé clip.mp4").write_bytes(clip)
+    (folder / os.fsdecode(b"caf\xe9 \xff.mp4")).write_bytes(clip)  # Latin-1 bytes: not UTF-8
+    summary = run([str(folder)], options(tmp_path / "out"))
+    assert summary["exit_code"] == 0 and summary["inputs"]["done"] == 2
+    names = {d.meta["source"]["name"] for d in (loaded.document for loaded in scan(tmp_path / "out"))}
+    assert names == {"ünïcödé clip.mp4", "caf\\xe9 \\xff.mp4"}
+    assert any(doc_id.startswith("ünïcödé-clip-") for doc_id in samples(tmp_path / "out"))
+    assert run([str(folder)], options(tmp_path / "out"))["inputs"]["skipped_as_done"] == 2
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_unreadable_file_is_logged(media, tmp_path):
     locked = tmp_path / "locked.mp4"

@@ -65,10 +65,10 @@ def discover_inputs(paths: list[str], suffixes: tuple[str, ...]) -> tuple[list[I
     seen: set[str] = set()
 
     def add(path: str) -> None:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            items.append(InputItem(len(items), path, key))
+        item = InputItem.of(len(items), path)
+        if item.key not in seen:
+            seen.add(item.key)
+            items.append(item)
 
     for raw in paths:
         path = str(raw)
@@ -79,7 +79,8 @@ def discover_inputs(paths: list[str], suffixes: tuple[str, ...]) -> tuple[list[I
                 found += [os.path.join(dirpath, n) for n in sorted(filenames)
                           if not n.startswith(".") and n.lower().endswith(suffixes)]
             if not found:
-                failed.append(InputResult(os.path.realpath(path), path, failed=True, rejections=[Rejection(
+                folder = InputItem.of(-1, path)
+                failed.append(InputResult(folder.key, folder.shown, failed=True, rejections=[Rejection(
                     "inputs", "no-videos", f"no files ending in {', '.join(suffixes)} in this folder",
                     failure=True)]))
             for name in found:

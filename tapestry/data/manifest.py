@@ -138,7 +138,7 @@ class Manifest:
     def append(self, shard: str | None, first: int, samples: int, inputs: list[dict[str, Any]]) -> None:
         commit = {"type": "commit", "seq": len(self.commits), "shard": shard, "first": first,
                   "samples": samples, "inputs": inputs}
-        line = json.dumps(commit, ensure_ascii=False) + "\n"
+        line = json.dumps(commit) + "\n"  # ASCII: a journal line must never fail to encode
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

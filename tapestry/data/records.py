@@ -13,13 +13,27 @@ from tapestry.data.operators.base import Rejection
 from tapestry.document import Document, ImageSegment
 
 
+def printable(path: str) -> str:
+    """`path` as text that can be written anywhere: bytes that are not UTF-8 (possible in Linux
+    file names, kept by Python as surrogates) become backslash escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class InputItem:
-    """One input file. `key` identifies it in the resume manifest (its resolved path)."""
+    """One input file: `path` to open it, `shown` to write it into logs and provenance, and `key`
+    (its resolved path, printable) to find it in the resume manifest."""
 
     index: int
     path: str
     key: str
+    shown: str
+
+    @classmethod
+    def of(cls, index: int, path: str) -> "InputItem":
+        import os
+
+        return cls(index, path, printable(os.path.realpath(path)), printable(path))
 
 
 @dataclass

@@ -85,6 +85,6 @@ class LocalExecutor:
 
 
 def _crashed(job: Job) -> InputResult:
-    return InputResult(job.item.key, job.item.path, failed=True, rejections=[Rejection(
+    return InputResult(job.item.key, job.item.shown, failed=True, rejections=[Rejection(
         "internal", "worker-crashed", f"the worker process died {MAX_CRASHES} times while this input was "
         "being processed (a crash in a native library?)", failure=True)])

@@ -81,5 +81,5 @@ def run_job(job: Job) -> InputResult:
     except Exception as e:  # noqa: BLE001 - the edge of a worker: report, never crash the run
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
-        return InputResult(job.item.key, job.item.path, failed=True, rejections=[
+        return InputResult(job.item.key, job.item.shown, failed=True, rejections=[
             Rejection("internal", "error", f"{type(e).__name__}: {e}{at}", failure=True)])

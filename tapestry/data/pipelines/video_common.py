@@ -19,8 +19,8 @@ R = TypeVar("R")
 
 
 def source_stem(path: str, info: VideoInfo) -> str:
-    """A readable, unique id prefix: the file name (safe characters only) + 8 hex of its hash."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-.") or "video"
+    """A readable, unique id prefix: the file name (letters, digits, '_', '.', '-') + 8 hex of its hash."""
+    stem = re.sub(r"[^\w.-]+", "-", Path(path).stem).strip("-.") or "video"  # \w: letters of any script
     return f"{stem[:80]}-{info.sha256[:8]}"
 
 

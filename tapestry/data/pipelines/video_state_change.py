@@ -153,7 +153,7 @@ class VideoStateChange:
     def process(self, item: InputItem, provider: Any) -> InputResult:
         c = self.config
         stats = StageStats()
-        result = InputResult(item.key, item.path)
+        result = InputResult(item.key, item.shown)
         try:
             with stats.timed("probe"):
                 info = c.decode.probe(item.path)
@@ -203,7 +203,7 @@ class VideoStateChange:
 
         def run(candidate: Candidate) -> Document | Rejection:
             try:
-                return self.vlm_steps(candidate, item.path, info, sources.get(candidate.source.time),
+                return self.vlm_steps(candidate, item.shown, info, sources.get(candidate.source.time),
                                       provider, stats)
             except Rejected as r:
                 return Rejection(r.rejection.stage, r.rejection.code, r.rejection.detail, candidate.record,

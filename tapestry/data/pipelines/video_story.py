@@ -134,7 +134,7 @@ class VideoStory:
     def process(self, item: InputItem, provider: Any) -> InputResult:
         c = self.config
         stats = StageStats()
-        result = InputResult(item.key, item.path)
+        result = InputResult(item.key, item.shown)
         try:
             with stats.timed("probe"):
                 info = c.decode.probe(item.path)
@@ -190,7 +190,7 @@ class VideoStory:
                 raise
             except ProviderError as e:
                 return Rejection(c.captions.name, f"provider-{e.code}", e.message, record, failure=True)
-            return self.document(record, item.path, info, window, frames, pair_scores, captions, provider)
+            return self.document(record, item.shown, info, window, frames, pair_scores, captions, provider)
 
         with stats.timed(c.captions.name):
             try:
