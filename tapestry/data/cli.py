@@ -142,6 +142,7 @@ def _print_summary(summary: dict) -> None:
     inputs = summary["inputs"]
     head = (f"{summary['pipeline']}: {inputs['done']} of {inputs['total']} input(s) done"
             + (f", {inputs['failed']} failed" if inputs["failed"] else "")
+            + (f", {inputs['not_finished']} not finished" if inputs["not_finished"] else "")
             + (f" ({inputs['skipped_as_done']} already done before)" if inputs["skipped_as_done"] else "")
             + f" -> {summary['documents']} document(s) in {len(summary['shards'])} shard(s) at {summary['out']}")
     console.print(escape(head))

@@ -16,6 +16,7 @@ for usage errors found before any work (the CLI).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,6 +91,52 @@ def discover_inputs(paths: list[str], suffixes: tuple[str, ...]) -> tuple[list[I
     return items, failed
 
 
+class InterruptGuard:
+    """Ctrl-C and SIGTERM stop a run cleanly. While the driver waits for workers, the signal
+    raises KeyboardInterrupt at once (nothing is half-done there); while it commits (writes a
+    shard, appends to the manifest) the signal is held until the commit is complete."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.pending = False
+        self._committing = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._committing:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def committing(self, raise_pending: bool = True):
+        """Hold signals inside; a signal that came meanwhile is raised after (or, with
+        `raise_pending=False` for the last commit, only recorded)."""
+        self._committing = True
+        try:
+            yield
+        finally:
+            self._committing = False
+        if self.pending:
+            self.pending = False
+            self.interrupted = True
+            if raise_pending:
+                raise KeyboardInterrupt
+
+
 class CommitBuffer:
     """Results in input order -> shards + manifest lines."""
 
@@ -152,67 +199,62 @@ def run(paths: list[str], options: EngineOptions) -> dict[str, Any]:
         options.log(f"resuming: {len(items) - len(todo)} of {len(items)} input(s) already done")
 
     buffer = CommitBuffer(manifest, options)
-    for result in pre_failed:
-        buffer.add(result)
     this_run = {"processed": 0, "video_seconds": 0.0, "documents": 0}
     stopped: list[str] = []
-    interrupted = False
+    waiting: dict[int, InputResult] = {}  # finished out of order, waiting for earlier inputs
     executor = make_executor(options.executor, options.workers, options.ray_address)
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread: leave signals alone
-        previous_sigterm = None
+    guard = InterruptGuard()
     progress = _progress(options.progress)
-    try:
-        with progress:
-            task = progress.add_task(options.pipeline, total=len(jobs), video="0 s of video", docs="0 docs")
-            waiting: dict[int, InputResult] = {}
-            next_index = 0
-            results = executor.map(jobs)
-            try:
-                for index, result in results:
-                    waiting[index] = result
-                    this_run["processed"] += 1
-                    this_run["video_seconds"] += result.video_seconds
-                    this_run["documents"] += len(result.docs)
-                    progress.update(task, advance=1, video=f"{this_run['video_seconds']:.0f} s of video",
-                                    docs=f"{this_run['documents']} docs")
-                    while next_index in waiting:
-                        ready = waiting.pop(next_index)
-                        next_index += 1
-                        if ready.stopped:
-                            stopped.append(ready.stopped)
-                        else:
-                            buffer.add(ready)
-                    if stopped:
-                        break
-                if stopped:  # commit what finished, in order, then stop asking for more
-                    for index in sorted(waiting):
-                        if not waiting[index].stopped:
-                            buffer.add(waiting[index])
-            finally:
-                results.close()  # stops the workers (a no-op when they are done)
+    with guard.installed():
+        try:
+            with guard.committing():
+                for result in pre_failed:
+                    buffer.add(result)
+            with progress:
+                task = progress.add_task(options.pipeline, total=len(jobs), video="0 s of video", docs="0 docs")
+                next_index = 0
+                results = executor.map(jobs)
+                try:
+                    for index, result in results:
+                        waiting[index] = result
+                        this_run["processed"] += 1
+                        this_run["video_seconds"] += result.video_seconds
+                        this_run["documents"] += len(result.docs)
+                        progress.update(task, advance=1, video=f"{this_run['video_seconds']:.0f} s of video",
+                                        docs=f"{this_run['documents']} docs")
+                        with guard.committing():
+                            while next_index in waiting:
+                                ready = waiting.pop(next_index)
+                                next_index += 1
+                                if ready.stopped:
+                                    stopped.append(ready.stopped)
+                                else:
+                                    buffer.add(ready)
+                        if stopped:
+                            break
+                finally:
+                    results.close()  # stops the workers (a no-op when they are done)
+        except KeyboardInterrupt:
+            guard.interrupted = True
+        with guard.committing(raise_pending=False):
+            # Whatever finished is kept, in input order, even after a stop or an interrupt.
+            for index in sorted(waiting):
+                if not waiting[index].stopped:
+                    buffer.add(waiting[index])
             buffer.flush()
-    except KeyboardInterrupt:
-        interrupted = True
-        buffer.flush()
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
     wall = time.perf_counter() - started
     summary = summarize(manifest, items, pre_failed, this_run, wall, len(items) - len(todo), options)
     if stopped:
         summary["stopped"] = stopped[0]
         summary["exit_code"] = EXIT_STOPPED
-    if interrupted:
+    if guard.interrupted:
         summary["interrupted"] = True
         summary["exit_code"] = EXIT_INTERRUPTED
-    write_logs(manifest, summary)
+    with guard.installed(), guard.committing(raise_pending=False):
+        write_logs(manifest, summary)
+    if guard.interrupted and not summary.get("interrupted"):  # a signal during the last writes
+        summary["interrupted"] = True
+        summary["exit_code"] = EXIT_INTERRUPTED
     return summary
 
 

@@ -9,6 +9,7 @@ were in flight are tried again, and a job in flight at two crashes is reported a
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator
@@ -34,7 +35,7 @@ class LocalExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["tapestry.data.executors.worker", "tapestry.data.pipelines",
                                         "scenedetect.detectors", "numpy", "cv2", "av"])
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=configure_process)
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=pool_worker_setup)
 
     def map(self, jobs: list[Job]) -> Iterator[tuple[int, InputResult]]:
         if self.workers == 1:
@@ -46,6 +47,7 @@ class LocalExecutor:
         crashes: dict[int, int] = {}
         running: dict[Future, int] = {}
         self._pool = self._new_pool()
+        completed = False
         try:
             while pending or running:
                 while pending and len(running) < self.in_flight:
@@ -75,13 +77,30 @@ class LocalExecutor:
                     pending.sort(reverse=True)
                     self._pool.shutdown(wait=False, cancel_futures=True)
                     self._pool = self._new_pool()
+            completed = True
         finally:
-            self.close()
+            self.close(kill=not completed)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, kill: bool = False) -> None:
+        """Shut the pool down; `kill` (after an interrupt or an early stop) ends the workers at
+        once instead of letting them finish inputs whose results nobody will commit."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values()) if kill else []
+        pool.shutdown(wait=not kill, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=5)
+
+
+def pool_worker_setup() -> None:
+    """Initializer of pool workers: Ctrl-C goes to the driver, which stops the workers itself
+    (a worker interrupted mid-input would only report a spurious failure)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_process()
 
 
 def _crashed(job: Job) -> InputResult:
