@@ -29,7 +29,8 @@ _EXPORTS = {
     "Background": "tapestry.toyworld.spec",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Background", "Entity", "PlacedEntity", "Scene", "judge_document", "judge_image", "render_scene",
+           "run_self_test", "sample", "write_bench"]
 
 
 def __getattr__(name: str) -> Any:

@@ -100,15 +100,23 @@ LABEL_BG, LABEL_INK = -1, -2  # labels >= 0 index COLOURS
 
 # ------------------------------------------------------------------ input
 def to_analysis_array(image: Any) -> np.ndarray:
-    """Anything image-like -> [S, S, 3] float32 RGB with S in 32..128 (never raises on pixels)."""
+    """Anything image-like -> [S, S, 3] float32 RGB with S in 32..128 (never raises on pixels).
+
+    Arrays: [H, W], [H, W, C] or [C, H, W] with C in 1..4; uint8, or floats in 0..255 (floats
+    whose maximum is at most 1 are taken as 0..1)."""
     if isinstance(image, np.ndarray):
         arr = image
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)  # [C, H, W] -> [H, W, C]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)) or arr.size == 0:
+            raise TypeError(f"expected an image array [H, W], [H, W, C] or [C, H, W], got shape {arr.shape}")
         if arr.dtype != np.uint8:
-            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).astype(np.uint8)
-        if arr.ndim == 3 and arr.shape[2] == 1:
+            values = np.nan_to_num(arr.astype(np.float64))
+            if arr.dtype.kind == "f" and values.max(initial=0.0) <= 1.0:
+                values = values * 255.0
+            arr = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[2] in (1, 2):
             arr = arr[..., 0]
-        if arr.ndim == 3 and arr.shape[2] > 4:
-            arr = arr[..., :3]
         image = Image.fromarray(arr)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
@@ -741,15 +749,17 @@ def _reference_blob(entity: PlacedEntity, analysis: Analysis) -> Blob | None:
 
 
 @lru_cache(maxsize=512)
-def _readable_cached(scene_json: str, side: int) -> tuple[tuple[Readable, ...], str | None]:
+def _readable_cached(scene_json: str, side: int) -> tuple[tuple[Readable, ...], str | None, int]:
     scene = Scene.from_dict(json.loads(scene_json))
     reference = analyse_image(render_scene_array(scene, side))
     out = []
+    used: set[int] = set()
     for e in scene.entities:
         blob = _reference_blob(e, reference)
         if blob is None or blob.shape is None:
             out.append(INVISIBLE)
             continue
+        used.add(id(blob))
         own = blob.shape_iou[e.entity.shape]
         shape_rivals = tuple(k for k in SHAPES if k != e.entity.shape and blob.shape_iou[k] < own - SHAPE_RESOLUTION)
         if e.entity.pattern == "solid":
@@ -761,12 +771,15 @@ def _readable_cached(scene_json: str, side: int) -> tuple[tuple[Readable, ...], 
             pattern_rivals = tuple(k for k in PATTERNED if k != e.entity.pattern
                                    and blob.pattern_iou.get(k, 0.0) < pattern_iou - PATTERN_RESOLUTION)
         out.append(Readable(own, shape_rivals, pattern_iou, pattern_rivals, blob.radius))
-    return tuple(out), reference.background.kind
+    # What a perfect rendering shows beyond its entities (a fringe read as a piece at 32 px) is
+    # not held against an image either.
+    extras = sum(1 for b in reference.blobs if id(b) not in used)
+    return tuple(out), reference.background.kind, extras
 
 
-def readable(scene: Scene, side: int) -> tuple[tuple[Readable, ...], str | None]:
-    """Per entity, what can be judged at `side` px; and the background kind read from a perfect
-    rendering (cached: a benchmark judges each expected scene once)."""
+def readable(scene: Scene, side: int) -> tuple[tuple[Readable, ...], str | None, int]:
+    """Per entity, what can be judged at `side` px; the background kind and the number of extra
+    entities read from a perfect rendering (cached: a benchmark judges each scene once)."""
     return _readable_cached(json.dumps(scene.to_dict(), sort_keys=True), side)
 
 
@@ -861,7 +874,7 @@ def _round(value: float | None) -> float | None:
 def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
     """Every sub-score of an analysed image against the expected scene, and the weighted total."""
     side = analysis.side
-    reads, reference_kind = readable(expected, side)
+    reads, reference_kind, reference_extras = readable(expected, side)
     candidates = [b for b in analysis.blobs if not b.clutter]
     n_exp = len(expected.entities)
     table = [[entity_scores(e, b, side, reads[i]) for b in candidates] for i, e in enumerate(expected.entities)]
@@ -886,6 +899,7 @@ def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
         per_entity.append(item)
     matched = set(assigned.values())
     n_extra = sum(1 for b in analysis.blobs if b.clutter) + sum(1 for j in range(len(candidates)) if j not in matched)
+    n_extra = max(0, n_extra - reference_extras)
     # An image with nothing in it earns nothing for having no extras.
     visible = any(r.visible for r in reads)
     no_extra = 1.0 / (1.0 + 2.0 * n_extra) if (matched or not visible) else 0.0  # one extra: 1/3

@@ -94,6 +94,19 @@ def background_phrase(rng: np.random.Generator, background: Background) -> str:
                       f"on a gradient from {c[0]} {first} to {c[1]} {second}"))
 
 
+def background_noun(rng: np.random.Generator, background: Background) -> str:
+    """'a plain sand background', 'a slate grid', 'a gradient from fog at the top to ...'."""
+    c = background.colours
+    if background.kind == "plain":
+        return pick(rng, (f"a plain {c[0]} background", f"a flat {c[0]} background"))
+    if background.kind == "grid":
+        return pick(rng, (f"a {c[0]} grid", f"a {c[0]} background with grid lines"))
+    if background.kind == "noise":
+        return pick(rng, (f"a noisy {c[0]} background", f"a mottled {c[0]} background"))
+    first, second = GRADIENT_ENDS[background.direction]
+    return f"a gradient from {c[0]} {first} to {c[1]} {second}"
+
+
 def full_description(rng: np.random.Generator, placed: PlacedEntity, with_size: bool = True) -> str:
     """'a large red striped star' (every attribute stated; the article included)."""
     e = placed.entity

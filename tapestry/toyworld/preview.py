@@ -57,3 +57,48 @@ def sheet(docs: list[Document], tile: int = 96) -> Image.Image:
         out.paste(s, (0, y))
         y += s.height + 2
     return out
+
+
+def atlas(side: int = 64) -> Image.Image:
+    """Every shape (columns) with every pattern (rows), colours cycling, on each background kind."""
+    from tapestry.toyworld.render import render_scene
+    from tapestry.toyworld.spec import COLOURS, PATTERNS, SHAPES, Background, Entity, PlacedEntity, Scene
+
+    backgrounds = [Background("plain", ("stone",)), Background("grid", ("slate",)),
+                   Background("gradient", ("sand", "dusk"), "diagonal"), Background("noise", ("moss",), seed=3)]
+    out = Image.new("RGB", (len(SHAPES) * side, len(PATTERNS) * side))
+    for r, pattern in enumerate(PATTERNS):
+        for c, shape in enumerate(SHAPES):
+            colour = COLOURS[(r * 3 + c) % len(COLOURS)]
+            scene = Scene(backgrounds[(r + c) % 4], (PlacedEntity(Entity(shape, colour, pattern), 4, "large"),))
+            out.paste(render_scene(scene, side * 3).crop((side, side, 2 * side, 2 * side)), (c * side, r * side))
+    return out
+
+
+def write_doc_images(out_dir: str) -> list[str]:
+    """The pictures in docs/toyworld.md: the atlas and a sheet of test documents per task."""
+    from pathlib import Path
+
+    from tapestry.toyworld import tasks
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    atlas().save(out / "toyworld-atlas.png", optimize=True)
+    written.append(str(out / "toyworld-atlas.png"))
+    picks = {"compose": [(0, "inline"), (0, "image-first"), (3, "inline")], "story": [(2, None), (5, None)],
+             "edit": [(1, "inline"), (4, "image-first")], "understand": [(0, "inline"), (2, "image-first")],
+             "howto": [(0, None), (2, None)]}
+    for task, chosen in picks.items():
+        docs = [tasks.sample(task, "test", i, layout=layout) for i, layout in chosen]
+        path = out / f"toyworld-{task}.png"
+        sheet(docs, tile=80).save(path, optimize=True)
+        written.append(str(path))
+    return written
+
+
+if __name__ == "__main__":  # python -m tapestry.toyworld.preview docs/img
+    import sys
+
+    for path in write_doc_images(sys.argv[1] if len(sys.argv) > 1 else "docs/img"):
+        print(path)

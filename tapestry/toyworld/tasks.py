@@ -253,7 +253,7 @@ def random_change(rng: np.random.Generator, scene: Scene, kinds: tuple[str, ...]
             background = random_background(rng)
             if background != scene.background:
                 break
-        return Change(kind, None, scene, Scene(background, tuple(entities)), ph.background_phrase(rng, background))
+        return Change(kind, None, scene, Scene(background, tuple(entities)), ph.background_noun(rng, background))
     pool = {"grow": [e for e in entities if e.size == "small"],
             "shrink": [e for e in entities if e.size == "large"]}.get(kind, entities)
     target = pool[int(rng.integers(len(pool)))]
@@ -293,7 +293,7 @@ def narrate(rng: np.random.Generator, change: Change) -> str:
         return ph.sentence(f"{lead} {n} {pick(rng, ('appears', 'arrives', 'shows up'))} {ph.cell_phrase(rng, after.cell)}")
     if change.kind == "remove":
         return ph.sentence(f"{lead} the {n} {pick(rng, ('disappears', 'leaves', 'vanishes'))}")
-    return ph.sentence(f"{lead} the background changes: everything is now {change.name}")
+    return ph.sentence(f"{lead} the background becomes {change.name}")
 
 
 def instruct(rng: np.random.Generator, change: Change, where: str = "") -> str:
@@ -314,7 +314,8 @@ def instruct(rng: np.random.Generator, change: Change, where: str = "") -> str:
         return ph.sentence(f"{pick(rng, ('Add', 'Put'))} {change.name} {ph.cell_phrase(rng, after.cell)}{where}")
     if change.kind == "remove":
         return ph.sentence(f"{pick(rng, ('Remove', 'Delete', 'Take away'))} {n}")
-    return ph.sentence(f"Change the background{where} so that it is {change.name}")
+    verb = pick(rng, ("Change the background{where} to", "Replace the background{where} with", "Swap the background{where} for"))
+    return ph.sentence(f"{verb.format(where=where)} {change.name}")
 
 
 # ------------------------------------------------------------------ story
