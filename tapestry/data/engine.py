@@ -328,6 +328,7 @@ def _progress(enabled: bool):
         TimeElapsedColumn,
     )
 
+    console = Console(stderr=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("inputs · {task.fields[video]} · {task.fields[docs]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+                    console=console, transient=True, disable=not enabled or not console.is_terminal)

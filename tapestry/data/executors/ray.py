@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import socket
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +21,21 @@ from typing import Any, Iterator
 from tapestry.data.executors.worker import Job, run_job
 from tapestry.data.records import InputResult
 from tapestry.errors import TapestryError
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when `host:port` (or `ray://host:port`) does not answer:
+    Ray itself retries an unreachable head for minutes. `auto` and `local` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise TapestryError(f"--ray-address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise TapestryError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def _process_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -43,6 +59,8 @@ class RayExecutor:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
         started_here = False
+        if self.address is not None:
+            check_reachable(self.address)
         if not ray.is_initialized():
             package_root = str(Path(__file__).resolve().parents[3])
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
