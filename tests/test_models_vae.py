@@ -25,8 +25,8 @@ needs_fixture = pytest.mark.skipif(
 
 def tiny_toy(**overrides) -> ToyAEConfig:
     # 16 channels, not 8: oneDNN's CPU kernels for 8-channel convolutions are ten times slower.
-    base = dict(channels=(16, 16, 16), encoder_blocks=(0, 1, 1), decoder_blocks=(1, 1, 1), norm_groups=4,
-                latent_channels=4, resolution=32)
+    base = {"channels": (16, 16, 16), "encoder_blocks": (0, 1, 1), "decoder_blocks": (1, 1, 1),
+            "norm_groups": 4, "latent_channels": 4, "resolution": 32}
     return ToyAEConfig(**(base | overrides))
 
 
@@ -154,7 +154,13 @@ def test_scene_streams_are_seeded_and_apart():
 
 
 def test_short_training_lowers_reconstruction_loss():
-    from tapestry.models.vae.train import TrainSettings, loss_terms, render_batch, heldout_scenes, train
+    from tapestry.models.vae.train import (
+        TrainSettings,
+        heldout_scenes,
+        loss_terms,
+        render_batch,
+        train,
+    )
 
     cfg = tiny_toy()
     settings = TrainSettings(steps=40, batch_size=4, resolution=32, lr=3e-3, warmup=5, threads=1)
@@ -195,7 +201,7 @@ def test_cli_train_writes_checkpoint_and_report(tmp_path):
 
 # ---------------------------------------------------------------- FLUX layout
 diffusers = pytest.importorskip("diffusers", reason="the FLUX loader needs diffusers (pip install diffusers)")
-from tapestry.models.vae.flux import (  # noqa: E402
+from tapestry.models.vae.flux import (
     DiffusersAutoencoder,
     FluxAEParams,
     diffusers_to_flux_key,
@@ -267,6 +273,9 @@ def test_flux_params_defaults_and_errors(tmp_path):
         FluxAEParams.load(tmp_path / "p.json")
     with pytest.raises(VAEError, match="found neither"):
         load_flux_autoencoder(tmp_path)
+    (tmp_path / "ae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # truncated
+    with pytest.raises(VAEError, match="cannot read"):
+        load_flux_file(tmp_path / "ae.safetensors", params=TINY_FLUX)
 
 
 @needs_fixture
@@ -296,7 +305,7 @@ def _group_norm(x, state, prefix):
 
 def _resnet_by_hand(x, state, prefix):
     # BFL's ResnetBlock written from the file's tensors: x + conv2(silu(norm2(conv1(silu(norm1(x)))))).
-    conv = lambda h, name, pad=1: F.conv2d(h, state[f"{prefix}.{name}.weight"], state[f"{prefix}.{name}.bias"], padding=pad)  # noqa: E731
+    conv = lambda h, name, pad=1: F.conv2d(h, state[f"{prefix}.{name}.weight"], state[f"{prefix}.{name}.bias"], padding=pad)
     h = conv(F.silu(_group_norm(x, state, prefix + ".norm1")), "conv1")
     h = conv(F.silu(_group_norm(h, state, prefix + ".norm2")), "conv2")
     if f"{prefix}.nin_shortcut.weight" in state:

@@ -7,6 +7,7 @@ option). torch is imported inside the commands so `tapestry --help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -72,7 +73,14 @@ def train(
                         "give a new or empty folder")
 
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from tapestry.atomic import atomic_dir
     from tapestry.models.vae import train as training
@@ -96,7 +104,7 @@ def train(
 
     scenes = training.heldout_scenes(heldout)
     with training.torch_threads(settings.threads), (
-            Console(stderr=True).status("measuring reconstructions", spinner="dots") if not quiet else _null()):
+            Console(stderr=True).status("measuring reconstructions", spinner="dots") if not quiet else contextlib.nullcontext()):
         calibration = training.calibrate_latents(model, training.render_batch(scenes, resolution))
         metrics = training.evaluate(model, scenes, resolution, judge=judge)
     tail = history[-min(50, len(history)):]
@@ -131,11 +139,3 @@ def train(
         Console(stderr=True, highlight=False).print(f"[green]wrote {escape(str(out))}[/]: {line}")
     if gate and report["gate"]["passed"] is False:
         raise typer.Exit(1)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

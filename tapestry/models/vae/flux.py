@@ -288,10 +288,12 @@ def build_flux_vae(params: FluxAEParams, device: str | torch.device = "cpu") -> 
     return _autoencoder_kl()(**params.diffusers_config()).to(device)
 
 
-def load_flux_file(path: str | Path, params: FluxAEParams | None = None,
-                   device: str | torch.device = "cpu") -> DiffusersAutoencoder:
+def load_flux_file(path: str | Path, params: FluxAEParams | None = None, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> DiffusersAutoencoder:
     """Load a BFL-layout `ae.safetensors`. Settings: `params`, else `ae_params.json` beside the
-    file, else the FLUX.1 release defaults. Any missing, unexpected or misshapen key is refused."""
+    file, else the FLUX.1 release defaults. Any missing, unexpected or misshapen key is refused.
+    Tensors are cast to `dtype` (float32: a bf16 export then still takes float32 images)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -303,12 +305,13 @@ def load_flux_file(path: str | Path, params: FluxAEParams | None = None,
     params.validate()
     try:
         state = load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors' own error types for truncated or corrupt files
+    except (SafetensorError, OSError) as exc:  # truncated or corrupt file
         raise VAEError(f"{path}: cannot read as safetensors ({exc})") from None
     AutoencoderKL = _autoencoder_kl()
     with torch.device("meta"):  # shapes only: the weights come from the file, no random init
         vae = AutoencoderKL(**params.diffusers_config())
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     converted, report = convert_flux_state(state, expected, len(params.ch_mult))
     if not report.ok:
         raise VAEError(f"{path} does not fit a FLUX autoencoder with {params.to_dict()}:\n{report.describe()}\n"
@@ -329,7 +332,7 @@ def load_diffusers_folder(folder: str | Path, device: str | torch.device = "cpu"
         vae = _autoencoder_kl().from_pretrained(str(folder), local_files_only=True).to(device)
     except VAEError:
         raise
-    except Exception as exc:  # diffusers reports bad configs and weights with many error types
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # diffusers' ways to refuse a folder
         raise VAEError(f"{folder}: diffusers could not load it as an AutoencoderKL ({exc})") from None
     shift = vae.config.shift_factor
     return DiffusersAutoencoder(vae.eval(), vae.config.scaling_factor, 0.0 if shift is None else shift)

@@ -254,13 +254,14 @@ class ToyAutoencoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> ToyAutoencoder:
         """Rebuild from a folder written by `save_pretrained`; refuses any key or shape mismatch."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         config_path, weights_path = checkpoint_files(folder)
         config = ToyAEConfig.load(config_path)
         try:
             state = load_file(str(weights_path), device=str(device))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+        except (SafetensorError, OSError) as exc:  # truncated or corrupt file
             raise CheckpointError(f"{weights_path}: cannot read ({exc})") from None
         with torch.device("meta"):
             model = cls(config)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tapestry.models.vae.toy import ToyAEConfig, ToyAutoencoder
@@ -199,7 +198,3 @@ def evaluate(model: ToyAutoencoder, scenes: list, resolution: int, judge: bool =
 
 def settings_dict(settings: TrainSettings) -> dict[str, Any]:
     return asdict(settings)
-
-
-def now() -> float:
-    return time.perf_counter()
