@@ -79,11 +79,12 @@ def test_dropping_images_and_single_token_kinds(tokenizer):
     doc = make_doc(0)  # two references -> target; references are ViT-only (Inset)
     _, kept = apply_decision(KEEP, doc, tokenizer, LAYOUT)
     _, no_image = apply_decision(Decision("no_image"), doc, tokenizer, LAYOUT)
-    assert [p.kind for p in kept.images] == ["vit", "vit", "noise"]
-    assert [p.kind for p in no_image.images] == ["noise"]
+    # the target's noise span is followed by its clean copy (ViT + VAE), as inference appends it
+    assert [p.kind for p in kept.images] == ["vit", "vit", "noise", "vit", "vae"]
+    assert [p.kind for p in no_image.images] == ["noise", "vit", "vae"]
     # a ViT-only reference keeps its ViT tokens when only ViT is dropped (an image keeps one kind)
     _, vit_dropped = apply_decision(Decision(drop_vit=True), doc, tokenizer, LAYOUT)
-    assert [p.kind for p in vit_dropped.images] == ["vit", "vit", "noise"]
+    assert [p.kind for p in vit_dropped.images] == ["vit", "vit", "noise", "vae"]
     assert bool((vit_dropped.labels == IGNORE).all()), "any drop switches text loss off"
 
     from dataclasses import replace
@@ -92,9 +93,9 @@ def test_dropping_images_and_single_token_kinds(tokenizer):
     _, full = apply_decision(KEEP, doc, tokenizer, both_kinds)
     _, no_vae = apply_decision(Decision(drop_vae=True), doc, tokenizer, both_kinds)
     _, no_vit = apply_decision(Decision(drop_vit=True), doc, tokenizer, both_kinds)
-    assert [p.kind for p in full.images] == ["vit", "vae", "vit", "vae", "noise"]
-    assert [p.kind for p in no_vae.images] == ["vit", "vit", "noise"]
-    assert [p.kind for p in no_vit.images] == ["vae", "vae", "noise"]
+    assert [p.kind for p in full.images] == ["vit", "vae", "vit", "vae", "noise", "vit", "vae"]
+    assert [p.kind for p in no_vae.images] == ["vit", "vit", "noise", "vit"]
+    assert [p.kind for p in no_vit.images] == ["vae", "vae", "noise", "vae"]
     assert check_spans(no_vit.spans) == no_vit.length
     vit_tokens = sum(p.end - p.start for p in full.images if p.kind == "vit")
     assert no_vit.length == full.length - vit_tokens

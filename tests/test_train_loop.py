@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: bitwise resume, a real SIGKILL during a
-checkpoint write, freeze sets across stages, loss going down, export to a pipeline folder."""
+checkpoint write, freeze sets across stages, export to a pipeline folder (learning itself is
+tested on ToyWorld in test_train_toyworld.py)."""
 
 from __future__ import annotations
 
@@ -159,18 +160,6 @@ def test_frozen_groups_stay_bitwise_unchanged_across_stages(setup, tmp_path):
             assert torch.equal(after2[key], after1[key]), f"{name} moved while frozen in stage 2"
     # frozen parameters take no optimizer state at all in the stage that freezes them
     assert not any(k.startswith("optim.state.model.layers.0.gen.") for k in after1)
-
-
-@pytest.mark.slow
-def test_a_tiny_run_lowers_the_loss(setup, tmp_path):
-    raw = json.loads(json.dumps(setup["raw"]))
-    raw["stages"] = [{"name": "main", "steps": 30}]
-    raw["checkpoint"] = {"every": 30, "keep": 1}
-    run = tmp_path / "learn"
-    train(config_from_data(raw), run, quiet=True)
-    curve = [loss for _, loss in losses(run)]
-    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
-    assert last < 0.8 * first, (first, last)
 
 
 def test_export_writes_a_pipeline_with_the_ema_weights(setup, tmp_path):

@@ -147,6 +147,8 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     autocast: str = "none"  # "none" | "bf16"
+    threads: int = 0  # torch CPU threads per process (0: torch's default); on a CPU shared with
+    #                   other jobs fewer threads can be faster
 
 
 @dataclass
@@ -165,8 +167,9 @@ class LogConfig:
 class EvalConfig:
     every: int = 0  # steps between validation losses; 0 disables
     docs: int = 16  # fixed validation documents (ToyWorld val split, or shards)
-    judge_every: int = 0  # steps between judged samples (needs tapestry.infer); 0 disables
+    judge_every: int = 0  # steps between judged samples (tapestry.infer + the ToyWorld judge); 0 disables
     judge_docs: int = 8
+    judge_steps: int = 20  # denoising steps per judged image
 
 
 @dataclass
@@ -256,6 +259,7 @@ class TrainConfig:
         need(par.mode in ("auto", "none", "ddp", "fsdp"), "parallel.mode", "auto, none, ddp or fsdp")
         need(par.device in ("auto", "cpu", "cuda"), "parallel.device", "auto, cpu or cuda")
         need(par.autocast in ("none", "bf16"), "parallel.autocast", "none or bf16")
+        need(par.threads >= 0, "parallel.threads", "must be >= 0 (0: torch's default)")
         need(self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.log.every >= 1, "log.every", "must be >= 1")

@@ -27,7 +27,7 @@ from tapestry.models.mot.config import MoTConfig
 from tapestry.models.mot.family import layout_config_for, prepare_row
 from tapestry.models.mot.model import MoTModel
 from tapestry.train import checkpoint as ckpt
-from tapestry.train.codecs import load_codec
+from tapestry.train.codecs import BatchEncoded, load_codec
 from tapestry.train.config import TrainConfig, TrainConfigError, config_from_data, dump_toml
 from tapestry.train.data import DocumentStream, build_source
 from tapestry.train.loss import LossModule, batch_totals
@@ -89,6 +89,21 @@ def check_resumable(saved: TrainConfig, new: TrainConfig) -> None:
 def row_seed(seed: int, step: int, row: int) -> int:
     """Seed of the noise and timesteps of one row of one step (same in every process layout)."""
     return int(np.random.SeedSequence([seed, 0xF10, step, row]).generate_state(1)[0])
+
+
+def vae_pixels(rows, documents, layout: LayoutConfig) -> list[torch.Tensor]:
+    """The pixels `prepare_row` will VAE-encode for these rows (same sizes, same resampling)."""
+    from tapestry.models.mot.family import pixels_to_tensor
+
+    cell = layout.vae_downsample * layout.latent_patch
+    out = []
+    for row, docs in zip(rows, documents):
+        for placement in row.images:
+            if placement.kind in ("vae", "noise"):
+                image = docs[placement.doc].segments[placement.segment].image
+                if image is not None:
+                    out.append(pixels_to_tensor(image, placement.grid[0] * cell, placement.grid[1] * cell))
+    return out
 
 
 def make_stream(config: TrainConfig) -> DocumentStream:
@@ -169,10 +184,12 @@ class Trainer:
         self.config_toml = dump_toml(config)
         self.tokenizer = load_tokenizer(config, self.run_dir, d)
         self.codec = load_codec(config.model.vae)
+        self.batch_codec = BatchEncoded(self.codec)
         self.model_config = model_config_for(config, self.tokenizer, self.codec)
         self.layout = layout_for(config, self.model_config, self.codec)
         self.packer = Packer(make_stream(config), self.tokenizer, self.layout, config.dropout, config.seed,
                              config.data.budget, config.data.rows, config.data.lookahead)
+        self._validation = None
         if config.data.rows % d.world_size:
             raise TrainConfigError(f"data.rows = {config.data.rows} does not split over {d.world_size} processes; "
                                    f"use a multiple of {d.world_size}")
@@ -201,7 +218,9 @@ class Trainer:
         batch = self.packer.next_batch(default_weights(config, stage))
         per_rank = config.data.rows // d.world_size
         mine = range(d.rank * per_rank, (d.rank + 1) * per_rank)
-        inputs = [prepare_row(batch.rows[r], batch.documents[r], self.layout, self.codec,
+        self.batch_codec.encode_all(vae_pixels([batch.rows[r] for r in mine], [batch.documents[r] for r in mine],
+                                               self.layout))
+        inputs = [prepare_row(batch.rows[r], batch.documents[r], self.layout, self.batch_codec,
                               torch.Generator().manual_seed(row_seed(config.seed, step, r)),
                               config.data.timestep_shift) for r in mine]
         latent = self.model_config.latent
@@ -237,6 +256,30 @@ class Trainer:
             "packing": batch.efficiency, "docs": self.packer.stream.drawn - len(self.packer.waiting),
             "seconds": seconds,
         }
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, built: Built, step: int, progress: Progress) -> dict[str, Any]:
+        from tapestry.train import evaluate
+
+        out: dict[str, Any] = {}
+        ev = self.config.eval
+        if ev.every and step % ev.every == 0:
+            if self._validation is None:
+                self._validation = evaluate.Validation(self.config, self.tokenizer, self.layout, self.codec,
+                                                       self.model_config, self.d)
+                if not self._validation.enabled:
+                    progress.message("eval: no ToyWorld source to draw val documents from; validation skipped")
+            if self._validation.enabled:
+                out.update(self._validation.loss(built.module))
+        if ev.judge_every and step % ev.judge_every == 0:
+            docs = evaluate.val_documents(self.config, ev.judge_docs)
+            judged = evaluate.judged_samples(built, self, docs, ev.judge_steps) if docs else None
+            if judged is not None:
+                out.update(judged)
+            elif not docs:
+                progress.message("eval: judged samples need ToyWorld sources; skipped")
+        return out
 
     # -- the whole run --------------------------------------------------------------------------
 
@@ -285,7 +328,9 @@ class Trainer:
                     step += 1
                     tokens += record["tokens"]
                     last_lr = record["lr"]
-                    logged = step % config.log.every == 0 or step == total
+                    evaluated = self.evaluate(built, step, progress)
+                    record.update(evaluated)
+                    logged = step % config.log.every == 0 or step == total or bool(evaluated)
                     if logged:
                         metrics.write({**record, "tokens_seen": tokens})
                     progress.update(step, record if logged else None)

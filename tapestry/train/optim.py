@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tapestry.train.config import PARAM_GROUPS, ScheduleConfig, StageConfig, TrainConfig
+from tapestry.train.parallel import unwrap
 
 _GROUP_RULES: tuple[tuple[str, str], ...] = (
     (r"(^|\.)embed_tokens\.", "embeddings"),
@@ -106,17 +107,19 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, _ in module.named_parameters()]
-        self.shadow = [p.detach().to(torch.float32).clone() for _, p in module.named_parameters()]
+        # names without a DDP wrapper's "module." prefix: the same in every mode, so checkpoints
+        # written under DDP, FSDP2 or one process hold the same EMA keys
+        self.names = [n for n, _ in unwrap(module).named_parameters()]
+        self.shadow = [p.detach().to(torch.float32).clone() for p in unwrap(module).parameters()]
 
     @torch.no_grad()
     def copy_from(self, module: nn.Module) -> None:
-        for s, (_, p) in zip(self.shadow, module.named_parameters(), strict=True):
+        for s, p in zip(self.shadow, unwrap(module).parameters(), strict=True):
             local(s).copy_(local(p.detach()))
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        params = [local(p.detach()).to(torch.float32) for _, p in module.named_parameters()]
+        params = [local(p.detach()).to(torch.float32) for p in unwrap(module).parameters()]
         torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:

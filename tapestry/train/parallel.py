@@ -59,6 +59,8 @@ def init_distributed(config: ParallelConfig) -> Dist:
         raise TrainConfigError(f"parallel.mode = \"none\" but torchrun started {world} processes; use ddp or fsdp")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(config, local_rank)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if mode == "none":
         return Dist(device=device)
     import torch.distributed as dist

@@ -1,0 +1,148 @@
+"""Watching quality during training: a validation loss and judged ToyWorld samples.
+
+Both use a fixed set of documents from the ToyWorld *val* split (never drawn by training,
+tapestry.toyworld.splits), spread round-robin over the run's ToyWorld sources (task and layout),
+so numbers from different steps compare like with like. Runs on Document shards only have no
+val split here; their evaluation is skipped with a message.
+
+    validation_loss   the training loss (no dropout, fixed noise) of the val documents packed
+                      into rows; every process computes its rows, sums are all-reduced.
+    judged_samples    the EMA weights (what `tapestry export` ships) generate the val
+                      documents' targets with tapestry.infer's engine, and the ToyWorld judge
+                      scores them; per task means and the overall mean (DESIGN §10: watch the
+                      judge score during training, not only the loss).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from tapestry.document import Document, TextSegment
+from tapestry.layout import pack_layouts
+from tapestry.models.mot.family import prepare_row
+from tapestry.train.config import TrainConfig
+from tapestry.train.data import ToyWorldSource
+from tapestry.train.dropout import KEEP, apply_decision
+from tapestry.train.loss import batch_totals
+from tapestry.train.parallel import Dist, all_reduce_sum, barrier, unwrap
+
+
+def val_documents(config: TrainConfig, count: int) -> list[Document]:
+    """`count` fixed val documents, round-robin over the ToyWorld sources (empty without any)."""
+    sources = [ToyWorldSource(s, config.seed, split="val") for s in config.data.sources if s.kind == "toyworld"]
+    if not sources or count <= 0:
+        return []
+    return [sources[i % len(sources)].fetch(i // len(sources))[0] for i in range(count)]
+
+
+class Validation:
+    """The val rows, laid out and noised once, reused at every evaluation."""
+
+    def __init__(self, config: TrainConfig, tokenizer, layout, codec, model_config, d: Dist):
+        self.d = d
+        docs = val_documents(config, config.eval.docs)
+        self.inputs = []
+        self.totals = None
+        if not docs:
+            return
+        layouts = [apply_decision(KEEP, doc, tokenizer, layout)[1] for doc in docs]
+        budget = max(config.data.budget, max(x.length for x in layouts))
+        rows = pack_layouts(layouts, budget, tokenizer.pad_id)
+        by_id = {doc.id: doc for doc in docs}
+        while len(rows) % d.world_size:  # every process takes the same number of rows
+            from tapestry.layout import concat_layouts
+
+            rows.append(concat_layouts([], tokenizer.pad_id, budget))
+        latent = model_config.latent
+        self.totals = batch_totals(rows, latent.channels if latent else 0, latent.patch_size if latent else 1)
+        per_rank = len(rows) // d.world_size
+        for r in range(d.rank * per_rank, (d.rank + 1) * per_rank):
+            row = rows[r]
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1, r]).generate_state(1)[0]))
+            self.inputs.append(prepare_row(row, [by_id[p.id] for p in row.documents], layout, codec, generator,
+                                           config.data.timestep_shift))
+
+    @property
+    def enabled(self) -> bool:
+        return self.totals is not None
+
+    @torch.no_grad()
+    def loss(self, module) -> dict[str, float]:
+        _, sums = module(self.inputs, self.totals, 1.0, 1.0, self.d.world_size)
+        text_sum, flow_sum = all_reduce_sum(self.d, sums).tolist()
+        text = text_sum / self.totals.text_tokens if self.totals.text_tokens else 0.0
+        flow = flow_sum / self.totals.flow_elements if self.totals.flow_elements else 0.0
+        return {"val_loss": text + flow, "val_text_loss": text, "val_flow_loss": flow}
+
+
+def judge_prompt(doc: Document) -> Document:
+    """What the model is given for a val document: howto states only its goal (the model decides
+    how many images, N-to-M); in the other tasks the text is given and the target images (and an
+    understand answer) are generated in place."""
+    task = doc.meta.get("toyworld", {}).get("task")
+    prompt = doc.copy()
+    first_target = next((i for i, s in enumerate(prompt.segments) if getattr(s, "role", None) == "target"),
+                        len(prompt.segments))
+    if task == "howto":
+        prompt.segments = prompt.segments[:first_target]
+        return prompt
+    if task != "understand":
+        for segment in prompt.segments:
+            if isinstance(segment, TextSegment) and segment.role == "target":
+                segment.role = "context"
+    for segment in prompt.segments:
+        if getattr(segment, "role", None) == "target" and not isinstance(segment, TextSegment):
+            segment.image, segment.encoded, segment.src = None, None, None
+    return prompt
+
+
+def ema_model(built, model_config, d: Dist):
+    """A plain MoTModel holding the EMA weights, on the main process (None elsewhere).
+
+    Under FSDP2 every process takes part in gathering the shards (a full copy on the main
+    process only: tiny models, opt-in through eval.judge_every)."""
+    from tapestry.models.mot.model import MoTModel
+
+    if built.ema is None:
+        shadow = {n: p.detach() for n, p in unwrap(built.module).named_parameters()}
+    else:
+        shadow = built.ema.state_dict()
+    full = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in shadow.items()}
+    if not d.is_main:
+        return None
+    dtype = built.model.dtype
+    state = {n.removeprefix("model."): t.detach().to("cpu", dtype) for n, t in full.items()}
+    from tapestry.models.common.checkpoint import expected_shapes
+
+    with torch.device("meta"):
+        skeleton = MoTModel(model_config)
+    keys = set(expected_shapes(skeleton))
+    return MoTModel.from_state_dict(model_config, {k: v for k, v in state.items() if k in keys})
+
+
+def judged_samples(built, trainer, docs: list[Document], steps: int) -> dict[str, Any] | None:
+    """Generate and judge `docs` with the EMA weights; None on processes other than the main one,
+    or when the inference engine is not available."""
+    try:
+        from tapestry.infer.engine import Engine, GenerationOptions
+        from tapestry.toyworld.evaluate import judge_document, summarize
+    except ImportError:
+        return None
+    d = trainer.d
+    model = ema_model(built, trainer.model_config, d)
+    result = None
+    if d.is_main:
+        engine = Engine(model, trainer.tokenizer, trainer.codec, trainer.layout)
+        options = GenerationOptions(seed=0, steps=steps, shift=trainer.config.data.timestep_shift,
+                                    max_new_tokens=64, max_images=6)
+        scores = [judge_document(doc, engine.generate(judge_prompt(doc), options)) for doc in docs]
+        summary = summarize(scores)
+        result = {"judge": summary["overall"]["mean"]}
+        result.update({f"judge_{task}": block["mean"] for task, block in summary["tasks"].items()})
+        result = {k: (v if v is not None and not math.isnan(v) else 0.0) for k, v in result.items()}
+    barrier(d)
+    return result
