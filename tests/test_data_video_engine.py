@@ -125,6 +125,15 @@ def test_video_story_keeps_moving_drops_static_and_blurred(media, tmp_path):
     assert len(meta["captions"]["frames"]) == len(times) == len(meta["captions"]["transitions"]) + 1
 
 
+def test_window_cap_per_shot_is_seeded_and_logged(media, tmp_path):
+    capped = [*STORY_SCALES, "output.max_windows_per_shot=1"]
+    first = run([str(media / "good" / "panning.mp4")], options(tmp_path / "a", overrides=capped))
+    again = run([str(media / "good" / "panning.mp4")], options(tmp_path / "b", overrides=capped))
+    assert first["documents"] == 1 and first["rejections"]["sample:over-cap"] >= 1
+    assert samples(tmp_path / "a") == samples(tmp_path / "b")  # the same seed picks the same window
+    assert again["rejections"] == first["rejections"]
+
+
 def test_video_state_change_crops_references_from_the_source_frame(media, tmp_path):
     summary = run([str(media / "good" / "panning.mp4"), str(media / "good" / "static.mp4")],
                   options(tmp_path / "out", "video-state-change", overrides=["pairs.scales=2x1,2x2"]))

@@ -57,19 +57,26 @@ class ShotDetector:
     def push(self, t: float, bgr: np.ndarray) -> list[float]:
         """Feed the next analysis frame (time in seconds, [h, w, 3] BGR uint8); returns cut times
         found so far (the detector may report a cut a few frames after it happened)."""
-        from scenedetect import FrameTimecode
-
         assert self._detector is not None, "call start() first"
         number = len(self._times)
         self._times.append(t)
-        cuts = self._detector.process_frame(FrameTimecode(number, fps=self._rate), bgr)
-        return [self._times[c.frame_num] for c in cuts if 0 < c.frame_num < len(self._times)]
+        return self._cut_times(self._detector.process_frame(self._frame_position(number), bgr))
 
     def finish(self, t: float) -> list[float]:
-        from scenedetect import FrameTimecode
-
         assert self._detector is not None
         if not self._times:
             return []
-        cuts = self._detector.post_process(FrameTimecode(len(self._times) - 1, fps=self._rate))
-        return [self._times[c.frame_num] for c in cuts if 0 < c.frame_num < len(self._times)]
+        return self._cut_times(self._detector.post_process(self._frame_position(len(self._times) - 1)))
+
+    # PySceneDetect 0.6 passes frame numbers as ints; 0.7 passes FrameTimecodes. We pin 0.6 (0.7
+    # hard-requires the GUI build of OpenCV, which needs libGL on a headless machine) but accept both.
+    def _frame_position(self, number: int):
+        import scenedetect
+
+        if scenedetect.__version__.startswith("0.6"):
+            return number
+        return scenedetect.FrameTimecode(number, fps=float(self._rate))
+
+    def _cut_times(self, cuts) -> list[float]:
+        numbers = [c if isinstance(c, int) else c.frame_num for c in cuts]
+        return [self._times[n] for n in numbers if 0 < n < len(self._times)]

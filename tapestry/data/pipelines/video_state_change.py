@@ -33,7 +33,7 @@ from tapestry.data.operators.boxes import BoxFilter
 from tapestry.data.operators.orb import OrbStatic
 from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
 from tapestry.data.operators.shots import Shots
-from tapestry.data.operators.video import Decode, Frame, resize_long_side
+from tapestry.data.operators.video import Decode, Frame, Shot, resize_long_side
 from tapestry.data.operators.vlm import (
     ChangeCheck,
     Correspondence,
@@ -166,62 +166,77 @@ class VideoStateChange:
             return result
         stem = source_stem(item.path, info)
         decoded: dict[str, float] = {}
-        candidates: list[Candidate] = []
         rejections: list[Rejection] = []
         try:
             shots = c.decode.shots(info, c.shots.detector_for_video(), decoded)
+            # Shot by shot, so memory holds one shot's frames whatever the video's length.
             for shot in timed_iter(shots, stats, "decode"):
                 stats.count("shots", kept=1)
-                with stats.timed("pairs"):
-                    pairs = c.pairs.windows(shot, c.decode.grid_step_s)
-                stats.count("pairs", seen=1, kept=len(pairs))  # one shot in, its pairs out
-                for window in pairs:
-                    record = window.record_id(stem)
-                    try:
-                        scores = self.filter_pair(window, stats)
-                    except Rejected as r:
-                        rejections.append(Rejection(r.rejection.stage, r.rejection.code, r.rejection.detail, record))
-                        continue
-                    candidates.append(Candidate(record, window, scores))
-            stats.count("decode", seen=1, kept=1)
-            stats.count("shots", seen=1)  # one video in, its shots out
-            sources: dict[float, np.ndarray] = {}
-            larger = max(info.width, info.height) > c.decode.frame_size  # else kept frames are native
-            if c.output.crop_from == "native" and candidates and larger:
-                with stats.timed("seek"):
-                    times = sorted({cand.source.time for cand in candidates})
-                    side = min(max(info.width, info.height), c.output.native_max_side)
-                    sources = dict(zip(times, c.decode.frames_at(item.path, times, long_side=side)))
-                stats.count("seek", seen=len(times), kept=len(times))
-        except Rejected as r:
+                candidates = self.shot_candidates(shot, stem, stats, rejections)
+                sources = self.native_sources(candidates, item, info, stats)
+                result.docs += self.documents(candidates, sources, item, info, provider, stats, rejections)
+        except Rejected as r:  # the file broke mid-way: nothing from it is trusted
             result.failed = True
             result.rejections.append(r.rejection)
             result.stats = stats.to_json()
             return result
-        result.video_seconds = decoded.get("seconds", 0.0)
-        stats.count("filters", seen=len(candidates) + len(rejections), kept=len(candidates))
-
-        def run(candidate: Candidate) -> Document | Rejection:
-            try:
-                return self.vlm_steps(candidate, item.shown, info, sources.get(candidate.source.time),
-                                      provider, stats)
-            except Rejected as r:
-                return Rejection(r.rejection.stage, r.rejection.code, r.rejection.detail, candidate.record,
-                                 r.rejection.failure)
-
-        try:
-            outcomes = map_concurrently(run, candidates, provider.max_concurrency)
-        except BudgetExhausted as e:
+        except BudgetExhausted as e:  # not done: the engine leaves this input for the next run
             result.stopped = str(e)
-            outcomes = []
-        for outcome in outcomes:
-            if isinstance(outcome, Document):
-                result.docs.append(outcome)
-            else:
-                rejections.append(outcome)
+            return result
+        stats.count("decode", seen=1, kept=1)
+        stats.count("shots", seen=1)  # one video in, its shots out
+        result.video_seconds = decoded.get("seconds", 0.0)
         result.rejections.extend(rejections)
         result.stats = stats.to_json()
         return result
+
+    def shot_candidates(self, shot: Shot, stem: str, stats: StageStats,
+                        rejections: list[Rejection]) -> list[Candidate]:
+        c = self.config
+        with stats.timed("pairs"):
+            pairs = c.pairs.windows(shot, c.decode.grid_step_s)
+        stats.count("pairs", seen=1, kept=len(pairs))  # one shot in, its pairs out
+        candidates: list[Candidate] = []
+        for window in pairs:
+            record = window.record_id(stem)
+            try:
+                scores = self.filter_pair(window, stats)
+            except Rejected as r:
+                rejections.append(Rejection(r.rejection.stage, r.rejection.code, r.rejection.detail, record))
+                continue
+            candidates.append(Candidate(record, window, scores))
+        stats.count("filters", seen=len(pairs), kept=len(candidates))
+        return candidates
+
+    def native_sources(self, candidates: list[Candidate], item: InputItem, info: Any,
+                       stats: StageStats) -> dict[float, np.ndarray]:
+        """Source frames at the video's own resolution (capped), fetched by seeking, when the
+        video is larger than the output frames; {} otherwise (kept frames are native then)."""
+        c = self.config
+        larger = max(info.width, info.height) > c.decode.frame_size
+        if c.output.crop_from != "native" or not candidates or not larger:
+            return {}
+        with stats.timed("seek"):
+            times = sorted({cand.source.time for cand in candidates})
+            side = min(max(info.width, info.height), c.output.native_max_side)
+            sources = dict(zip(times, c.decode.frames_at(item.path, times, long_side=side)))
+        stats.count("seek", seen=len(times), kept=len(times))
+        return sources
+
+    def documents(self, candidates: list[Candidate], sources: dict[float, np.ndarray], item: InputItem, info: Any,
+                  provider: Any, stats: StageStats, rejections: list[Rejection]) -> list[Document]:
+        """The VLM steps for each candidate pair (model calls run concurrently)."""
+
+        def one(cand: Candidate) -> Document | Rejection:
+            try:
+                return self.vlm_steps(cand, item.shown, info, sources.get(cand.source.time), provider, stats)
+            except Rejected as r:
+                rejection = r.rejection
+                return Rejection(rejection.stage, rejection.code, rejection.detail, cand.record, rejection.failure)
+
+        outcomes = map_concurrently(one, candidates, provider.max_concurrency)
+        rejections += [o for o in outcomes if isinstance(o, Rejection)]
+        return [o for o in outcomes if isinstance(o, Document)]
 
     def _ask(self, stage: str, provider: Any, request: Any, check: Any, stats: StageStats) -> Any:
         with stats.timed(stage):

@@ -32,7 +32,7 @@ from tapestry.data.operators.motion import Motion
 from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
 from tapestry.data.operators.redundancy import Redundancy
 from tapestry.data.operators.shots import Shots
-from tapestry.data.operators.video import Decode, Frame
+from tapestry.data.operators.video import Decode, Frame, Shot
 from tapestry.data.operators.vlm import StoryCaptions
 from tapestry.data.operators.windows import Window, Windows
 from tapestry.data.pipelines import config as config_io
@@ -53,7 +53,7 @@ from tapestry.document import Document, TextSegment
 @dataclass(frozen=True)
 class StoryOutput:
     min_frames: int = 2  # a window needs at least this many frames left after filtering
-    max_windows_per_video: int | None = None  # sample this many (seeded) before captioning
+    max_windows_per_shot: int | None = None  # sample this many (seeded) before captioning
     image: ImageEncoding = field(default_factory=ImageEncoding)
 
 
@@ -75,6 +75,16 @@ class VideoStoryConfig:
         self.windows.check_grid(self.decode.grid_step_s)
         if self.output.min_frames < 2:
             raise ValueError("output.min_frames must be at least 2 (a story needs two frames)")
+
+
+@dataclass
+class Candidate:
+    """A window that passed the filters: its kept frames and their scores against the previous."""
+
+    record: str
+    window: Window
+    frames: list[Frame]
+    pair_scores: list[dict[str, float]]
 
 
 class VideoStory:
@@ -147,71 +157,82 @@ class VideoStory:
             return result
         stem = source_stem(item.path, info)
         decoded: dict[str, float] = {}
-        candidates: list[tuple[str, Window, list[Frame], list[dict[str, float]]]] = []
         rejections: list[Rejection] = []
         try:
             shots = c.decode.shots(info, c.shots.detector_for_video(), decoded)
+            # Shot by shot, so memory holds one shot's frames whatever the video's length.
             for shot in timed_iter(shots, stats, "decode"):
                 stats.count("shots", kept=1)
-                with stats.timed("windows"):
-                    windows = c.windows.windows(shot, c.decode.grid_step_s)
-                stats.count("windows", seen=1, kept=len(windows))  # one shot in, its windows out
-                for window in windows:
-                    record = window.record_id(stem)
-                    try:
-                        frames, pair_scores = self.filter_window(window, stats)
-                    except Rejected as r:
-                        rejections.append(_with_record(r.rejection, record))
-                        continue
-                    candidates.append((record, window, frames, pair_scores))
+                candidates = self.shot_candidates(shot, stem, stats, rejections)
+                result.docs += self.caption(candidates, item, info, provider, stats, rejections)
         except Rejected as r:  # the file broke mid-way: nothing from it is trusted
             result.failed = True
             result.rejections.append(r.rejection)
             result.stats = stats.to_json()
             return result
+        except BudgetExhausted as e:  # not done: the engine leaves this input for the next run
+            result.stopped = str(e)
+            return result
         stats.count("decode", seen=1, kept=1)
         stats.count("shots", seen=1)  # one video in, its shots out
         result.video_seconds = decoded.get("seconds", 0.0)
-        stats.count("filters", seen=len(candidates) + len(rejections), kept=len(candidates))
-        if c.output.max_windows_per_video is not None and len(candidates) > c.output.max_windows_per_video:
-            rng = random.Random(f"{c.seed}:{stem}")
-            chosen = sorted(rng.sample(range(len(candidates)), c.output.max_windows_per_video))
-            for i in sorted(set(range(len(candidates))) - set(chosen)):
-                rejections.append(Rejection("sample", "over-cap", f"more than {c.output.max_windows_per_video} "
-                                            "windows in this video", record=candidates[i][0]))
-            candidates = [candidates[i] for i in chosen]
-
-        def caption(candidate: tuple[str, Window, list[Frame], list[dict[str, float]]]) -> Document | Rejection:
-            record, window, frames, pair_scores = candidate
-            request = c.captions.request([f.rgb for f in frames], [f.time for f in frames], c.seed)
-            try:
-                captions, _ = ask_json(provider, request, StoryCaptions.check(len(frames)), provider.repairs)
-            except BudgetExhausted:
-                raise
-            except ProviderError as e:
-                return Rejection(c.captions.name, f"provider-{e.code}", e.message, record, failure=True)
-            return self.document(record, item.shown, info, window, frames, pair_scores, captions, provider)
-
-        with stats.timed(c.captions.name):
-            try:
-                outcomes = map_concurrently(caption, candidates, provider.max_concurrency)
-            except BudgetExhausted as e:
-                result.stopped = str(e)
-                outcomes = []
-        stats.count(c.captions.name, seen=len(candidates),
-                    kept=sum(isinstance(o, Document) for o in outcomes))
-        for outcome in outcomes:
-            if isinstance(outcome, Document):
-                result.docs.append(outcome)
-            else:
-                rejections.append(outcome)
         result.rejections.extend(rejections)
         result.stats = stats.to_json()
         return result
 
-    def document(self, record: str, path: str, info: Any, window: Window, frames: list[Frame],
-                 pair_scores: list[dict[str, float]], captions: dict[str, Any], provider: Any) -> Document:
+    def shot_candidates(self, shot: Shot, stem: str, stats: StageStats,
+                        rejections: list[Rejection]) -> list[Candidate]:
+        """The windows of one shot that pass the filters (at most `max_windows_per_shot`)."""
         c = self.config
+        with stats.timed("windows"):
+            windows = c.windows.windows(shot, c.decode.grid_step_s)
+        stats.count("windows", seen=1, kept=len(windows))  # one shot in, its windows out
+        candidates: list[Candidate] = []
+        for window in windows:
+            record = window.record_id(stem)
+            try:
+                frames, pair_scores = self.filter_window(window, stats)
+            except Rejected as r:
+                rejections.append(_with_record(r.rejection, record))
+                continue
+            candidates.append(Candidate(record, window, frames, pair_scores))
+        stats.count("filters", seen=len(windows), kept=len(candidates))
+        cap = c.output.max_windows_per_shot
+        if cap is not None and len(candidates) > cap:
+            rng = random.Random(f"{c.seed}:{stem}:{shot.index}")
+            chosen = set(rng.sample(range(len(candidates)), cap))
+            for i, candidate in enumerate(candidates):
+                if i not in chosen:
+                    rejections.append(Rejection("sample", "over-cap", f"more than {cap} windows in this shot",
+                                                record=candidate.record))
+            candidates = [cand for i, cand in enumerate(candidates) if i in chosen]
+        return candidates
+
+    def caption(self, candidates: list[Candidate], item: InputItem, info: Any, provider: Any,
+                stats: StageStats, rejections: list[Rejection]) -> list[Document]:
+        """Three-level captions for each candidate window (model calls run concurrently)."""
+        c = self.config
+
+        def one(cand: Candidate) -> Document | Rejection:
+            request = c.captions.request([f.rgb for f in cand.frames], [f.time for f in cand.frames], c.seed)
+            try:
+                captions, _ = ask_json(provider, request, StoryCaptions.check(len(cand.frames)), provider.repairs)
+            except BudgetExhausted:
+                raise
+            except ProviderError as e:
+                return Rejection(c.captions.name, f"provider-{e.code}", e.message, cand.record, failure=True)
+            return self.document(cand, item.shown, info, captions, provider)
+
+        with stats.timed(c.captions.name):
+            outcomes = map_concurrently(one, candidates, provider.max_concurrency)
+        docs = [o for o in outcomes if isinstance(o, Document)]
+        rejections += [o for o in outcomes if isinstance(o, Rejection)]
+        stats.count(c.captions.name, seen=len(candidates), kept=len(docs))
+        return docs
+
+    def document(self, cand: Candidate, path: str, info: Any, captions: dict[str, Any], provider: Any) -> Document:
+        c = self.config
+        window, frames, pair_scores = cand.window, cand.frames, cand.pair_scores
         segments: list[Any] = [TextSegment(captions["global"])]
         for i, frame in enumerate(frames):
             role = "context" if i == 0 else "target"
@@ -236,7 +257,7 @@ class VideoStory:
                          "prompts": {c.captions.task: c.captions.version}},
             "captions": captions,
         }
-        return Document(record, segments, meta)
+        return Document(cand.record, segments, meta)
 
 
 def _with_record(rejection: Rejection, record: str) -> Rejection:
