@@ -125,6 +125,18 @@ def test_video_story_keeps_moving_drops_static_and_blurred(media, tmp_path):
     assert len(meta["captions"]["frames"]) == len(times) == len(meta["captions"]["transitions"]) + 1
 
 
+def test_inline_run_leaves_the_callers_threads_and_environment_alone(media, tmp_path, monkeypatch):
+    # a one-worker run executes in the caller's process: limiting threads there leaked
+    # OMP_NUM_THREADS=1 into every subprocess the caller started later
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    import cv2
+
+    threads = cv2.getNumThreads()
+    summary = run([str(media / "good" / "panning.mp4")], options(tmp_path / "out", workers=1))
+    assert summary["exit_code"] == 0
+    assert "OMP_NUM_THREADS" not in os.environ and cv2.getNumThreads() == threads
+
+
 def test_window_cap_per_shot_is_seeded_and_logged(media, tmp_path):
     capped = [*STORY_SCALES, "output.max_windows_per_shot=1"]
     first = run([str(media / "good" / "panning.mp4")], options(tmp_path / "a", overrides=capped))

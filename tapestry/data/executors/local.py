@@ -39,7 +39,7 @@ class LocalExecutor:
 
     def map(self, jobs: list[Job]) -> Iterator[tuple[int, InputResult]]:
         if self.workers == 1:
-            configure_process()
+            configure_process(limit_threads=False)
             for index, job in enumerate(jobs):
                 yield index, run_job(job)
             return
@@ -100,7 +100,7 @@ def pool_worker_setup() -> None:
     """Initializer of pool workers: Ctrl-C goes to the driver, which stops the workers itself
     (a worker interrupted mid-input would only report a spurious failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_process()
+    configure_process(limit_threads=True)
 
 
 def _crashed(job: Job) -> InputResult:

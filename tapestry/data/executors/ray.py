@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from tapestry.data.executors.worker import Job, run_job
+from tapestry.data.executors.worker import Job, configure_process, run_job
 from tapestry.data.records import InputResult
 from tapestry.errors import TapestryError
 
@@ -39,6 +39,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _process_row(row: dict[str, Any]) -> dict[str, Any]:
+    configure_process(limit_threads=True)  # a Ray worker process: cheap after the first call
     result = run_job(pickle.loads(row["job"]))
     return {"index": row["index"], "result": pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)}
 

@@ -29,16 +29,19 @@ class Job:
 _BUILT: dict[tuple, tuple[Any, Any]] = {}
 
 
-def configure_process() -> None:
-    """Called once in every worker process: one thread per library, because the executor
-    already runs one process per core (more threads would only fight over the cores)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import cv2
+def configure_process(limit_threads: bool) -> None:
+    """Prepares a process to run jobs. In a dedicated worker process (`limit_threads`) every
+    library gets one thread, because the executor already runs one process per core (more threads
+    would only fight over the cores). The inline executor runs jobs in the caller's process, whose
+    settings (and the environment its children inherit) are not ours to change."""
+    if limit_threads:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        try:
+            import cv2
 
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover - cv2 is a dependency of the video engine
-        pass
+            cv2.setNumThreads(1)
+        except ImportError:  # pragma: no cover - cv2 is a dependency of the video engine
+            pass
     import tapestry.data.operators.vlm  # noqa: F401 - registers the offline responders
 
 
@@ -49,7 +52,7 @@ def _built(job: Job) -> tuple[Any, Any]:
 
     key = (job.pipeline, repr(sorted(job.config.items())), job.provider, job.cache_dir, job.budget_ledger)
     if key not in _BUILT:
-        configure_process()
+        configure_process(limit_threads=False)
         config = config_io.from_dict(pipeline_class(job.pipeline).config_class, job.config)
         _BUILT[key] = (build_pipeline(job.pipeline, config),
                        make_provider(job.provider, job.cache_dir, job.budget_ledger))
