@@ -42,6 +42,7 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and report.json (replaced atomically)."),
     steps: int = typer.Option(4000, help="Optimizer steps."),
     resolution: int = typer.Option(64, help="Image side in pixels (a multiple of 4)."),
+    latent_channels: int = typer.Option(8, "--latent-channels", help="Channels of the ×4 latent grid (more: sharper reconstructions, wider generation tokens)."),
     seed: int = typer.Option(0, help="Seeds the weights and the stream of training scenes."),
     batch_size: int = typer.Option(8, "--batch-size", help="Scenes per step (rendered fresh each step)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warm-up, then cosine)."),
@@ -60,8 +61,8 @@ def train(
 
         tapestry vae train --out runs/ae-toy --steps 20 --resolution 32 --heldout 8 --quiet
     """
-    if steps < 1 or batch_size < 1 or heldout < 1:
-        raise _fail("--steps, --batch-size and --heldout must be at least 1")
+    if steps < 1 or batch_size < 1 or heldout < 1 or latent_channels < 1:
+        raise _fail("--steps, --batch-size, --heldout and --latent-channels must be at least 1")
     if resolution < 16 or resolution % 4:
         raise _fail(f"--resolution must be a multiple of 4 and at least 16, got {resolution}")
     if out.exists() and not out.is_dir():
@@ -86,7 +87,7 @@ def train(
     from tapestry.models.vae import train as training
     from tapestry.models.vae.toy import ToyAEConfig
 
-    config = ToyAEConfig(resolution=resolution)
+    config = ToyAEConfig(resolution=resolution, latent_channels=latent_channels)
     settings = training.TrainSettings(steps=steps, batch_size=batch_size, resolution=resolution, seed=seed,
                                       lr=lr, threads=threads or None, warmup=min(100, max(1, steps // 10)))
     progress = Progress(TextColumn("[bold]train AE"), BarColumn(), MofNCompleteColumn(),
@@ -110,7 +111,7 @@ def train(
     tail = history[-min(50, len(history)):]
     report = {
         # Every option spelled out, so the line reruns this exact training.
-        "command": (f"tapestry vae train --out {out} --steps {steps} --resolution {resolution} --seed {seed} "
+        "command": (f"tapestry vae train --out {out} --steps {steps} --resolution {resolution} --latent-channels {latent_channels} --seed {seed} "
                     f"--batch-size {batch_size} --lr {lr} --heldout {heldout}" + ("" if judge else " --no-judge")),
         "checkpoint": str(out),
         "model": "toy_ae",
