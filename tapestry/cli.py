@@ -144,6 +144,7 @@ def view(
 
 # Command groups living beside their code; each module imports its heavy parts lazily.
 from tapestry.data.cli import app as data_app  # noqa: E402
+from tapestry.eval.cli import app as eval_app  # noqa: E402
 from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
 from tapestry.models.vae_cli import app as vae_app  # noqa: E402
@@ -157,6 +158,7 @@ app.command("export", help=EXPORT_HELP)(export_command)
 app.add_typer(toyworld_app, name="toyworld")
 app.add_typer(data_app, name="data", help="Data engines: raw videos, images and web pages -> Document shards.")
 app.add_typer(vae_app, name="vae")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:
