@@ -57,10 +57,11 @@ class EngineOptions:
     log: Callable[[str], None] = field(default=lambda message: None)
 
 
-def discover_inputs(paths: list[str], suffixes: tuple[str, ...]) -> tuple[list[InputItem], list[InputResult]]:
+def discover_inputs(paths: list[str], suffixes: tuple[str, ...],
+                    noun: str = "videos") -> tuple[list[InputItem], list[InputResult]]:
     """Files named on the command line are taken as they are (the decoder decides what they
     hold); folders are walked in sorted order for files with a known suffix. A folder with none
-    is reported as a failed input; duplicates (same resolved path) are dropped."""
+    is reported as a failed input (`inputs:no-{noun}`); duplicates (same resolved path) are dropped."""
     items: list[InputItem] = []
     failed: list[InputResult] = []
     seen: set[str] = set()
@@ -82,7 +83,7 @@ def discover_inputs(paths: list[str], suffixes: tuple[str, ...]) -> tuple[list[I
             if not found:
                 folder = InputItem.of(-1, path)
                 failed.append(InputResult(folder.key, folder.shown, failed=True, rejections=[Rejection(
-                    "inputs", "no-videos", f"no files ending in {', '.join(suffixes)} in this folder",
+                    "inputs", f"no-{noun}", f"no files ending in {', '.join(suffixes)} in this folder",
                     failure=True)]))
             for name in found:
                 add(name)
@@ -188,7 +189,10 @@ def run(paths: list[str], options: EngineOptions) -> dict[str, Any]:
     manifest, removed = Manifest.open(out, run_header(options))
     if removed:
         options.log(f"removed {len(removed)} leftover file(s) of an interrupted run: {', '.join(removed)}")
-    items, pre_failed = discover_inputs(paths, cls.input_suffixes)
+    # Pipelines that make their inputs (synthetic data) name them themselves.
+    discover = getattr(cls, "discover", None)
+    items, pre_failed = (discover(paths) if discover is not None
+                         else discover_inputs(paths, cls.input_suffixes, getattr(cls, "input_noun", "videos")))
     finished = manifest.finished_keys()
     todo = [item for item in items if item.key not in finished]
     state = out / STATE_DIR

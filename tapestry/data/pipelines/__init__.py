@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.data.pipelines import config as config_io
+from tapestry.data.pipelines.image_inline import ImageInline
 from tapestry.data.pipelines.video_state_change import VideoStateChange
 from tapestry.data.pipelines.video_story import VideoStory
 from tapestry.errors import TapestryError
 
-PIPELINES: dict[str, type] = {cls.name: cls for cls in (VideoStory, VideoStateChange)}
+PIPELINES: dict[str, type] = {cls.name: cls for cls in (VideoStory, VideoStateChange, ImageInline)}
 
 
 def pipeline_class(name: str) -> type:
