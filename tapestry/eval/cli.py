@@ -262,3 +262,67 @@ def _print_ablation(result: dict, json_output: bool, out: Path) -> None:
         print(json.dumps(result))
         return
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+@app.command("judge")
+def judge_command(
+    ctx: typer.Context,
+    protocol: str = typer.Option(..., help="interleavebench | duetgen | ilscore | opening | isg."),
+    bench: Path = typer.Option(..., help="The benchmark: OpenING test_data.jsonl, ISG-Bench.jsonl, or tapestry Documents."),
+    pred: Optional[Path] = typer.Option(None, help="The model's answers: OpenING folder of <uid>.json, ISG .jsonl (not for Documents: their targets are the answers)."),
+    format: str = typer.Option("auto", "--format", help="opening | isg | documents | auto (from the protocol)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (resumable)."),
+    limit: Optional[int] = typer.Option(None, help="Judge the first N samples only."),
+    timeout: float = typer.Option(60.0, help="Seconds per judge call."),
+    retries: int = typer.Option(4, help="Retries of a failed call (timeouts, 429, 5xx), with back-off."),
+    concurrency: int = typer.Option(4, help="Judge calls in flight."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens-budget", help="Stop cleanly after this many tokens."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Stop cleanly after this much money (with --price-in/--price-out)."),
+    price_in: float = typer.Option(0.0, help="Price per million prompt tokens."),
+    price_out: float = typer.Option(0.0, help="Price per million completion tokens."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score a model's answers with a paper's judge protocol through an OpenAI-compatible VLM.
+
+    The judge is configured from the environment: TAPESTRY_JUDGE_BASE_URL (e.g.
+    http://localhost:8000/v1 for vLLM), TAPESTRY_JUDGE_MODEL, TAPESTRY_JUDGE_API_KEY. Calls are
+    cached under OUT/cache and budgeted in OUT/budget.json; a failed judgement is reported missing
+    with its reason, never scored 0. Exit 1 when the budget stopped the run (rerun to resume).
+
+    Example:
+
+        tapestry eval judge --protocol opening --bench OpenING-benchmark/test_data.jsonl --pred gen_outputs/MyModel_output --out runs/judge/opening
+    """
+    from tapestry.eval import loaders, protocols
+    from tapestry.eval.judge import Judge, JudgeConfig
+    from tapestry.eval.runner import run_protocol
+
+    try:
+        module = protocols.get(protocol)
+        kind = format if format != "auto" else {"opening": "opening", "isg": "isg"}.get(protocol, "documents")
+        if kind == "opening":
+            samples = loaders.load_opening(bench, pred)
+        elif kind == "isg":
+            samples = loaders.load_isg(bench, pred)
+        elif kind == "documents":
+            if pred is not None:
+                raise TapestryError("--pred is not used with Documents: their target segments are the answers")
+            samples = loaders.load_documents(bench)
+        else:
+            raise TapestryError(f"--format {format!r}: choose opening, isg, documents or auto")
+        samples = samples[:limit] if limit else samples
+        config = JudgeConfig.from_env(out / "cache", out / "budget.json", timeout_s=timeout, max_retries=retries,
+                                      max_concurrency=concurrency, max_tokens_budget=max_tokens,
+                                      max_cost_budget=max_cost, price_in=price_in, price_out=price_out)
+        judge = Judge.from_config(config)
+    except TapestryError as e:
+        raise _fail(str(e)) from None
+    summary = _run(lambda p: run_protocol(module, samples, judge, out, _command(ctx), p), quiet or json_output,
+                   f"judging ({protocol})")
+    if json_output:
+        print(json.dumps({k: v for k, v in summary.items() if k != "missing"}))
+    else:
+        print((out / "report.md").read_text(encoding="utf-8"))
+    if summary["stopped"]:
+        raise typer.Exit(1)
