@@ -249,3 +249,14 @@ def test_budget_stops_the_run_cleanly_and_resumes(server, tmp_path, monkeypatch)
     summary = json.loads(resumed.output.strip().splitlines()[-1])
     assert summary["judged"] == 2 and summary["reused"] == 1 and len(server.requests) == 2
     assert summary["result"]["overall"] == 5.0 and summary["judge_model"] == "judge-vlm"
+
+
+def test_failed_judgements_are_asked_again_on_resume(server, tmp_path):
+    sample = opening_samples()[1]
+    full = {"scores": {c: {"Score": 8, "Justification": "ok"} for c in opening.CRITERIA}}
+    server.script = [("status", 502)] * 3
+    first = run_protocol(opening, [sample], make_judge(server, tmp_path), tmp_path / "run", ["test"])
+    assert first["result"]["n"] == 0 and "http-502" in first["missing"][sample.id]["Correctness"]
+    server.script = [ok(full)]
+    second = run_protocol(opening, [sample], make_judge(server, tmp_path), tmp_path / "run", ["test"])
+    assert second["reused"] == 0 and second["result"]["overall"] == 8.0 and second["missing"] == {}

@@ -64,7 +64,7 @@ def test_oracle_scores_one_and_json_has_the_issue_shape(tmp_path):
     assert (out / "scores_by_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "scores.jsonl").read_text().splitlines()) == 16  # 2 scenes x (2+1+2+2+1) layouts
     report = (out / "report.md").read_text()
-    assert "eval toyworld" in report and "baseline:oracle" in report and "seed" in report
+    assert "tapestry eval toyworld --checkpoint oracle" in report and "--n 2" in report and "baseline:oracle" in report
     assert "data:image/png;base64" in (out / "report.html").read_text()
 
 

@@ -73,15 +73,13 @@ def _run(fn, quiet: bool, what: str):
 def _command(ctx: typer.Context) -> list[str]:
     """The command as a user would type it again: every option spelled out (defaults included), so
     the report's line reproduces the run even if a default changes later."""
-    import click
-
     words = ["tapestry", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if not isinstance(param, click.Option) or value is None or param.name in ("quiet", "json_output"):
+        if getattr(param, "param_type_name", "") != "option" or value is None or param.name in ("quiet", "json_output"):
             continue
         flag = max(param.opts, key=len)
-        if param.is_flag:
+        if getattr(param, "is_flag", False):
             if param.secondary_opts:
                 words.append(flag if value else max(param.secondary_opts, key=len))
             elif value:
@@ -288,7 +286,8 @@ def judge_command(
     The judge is configured from the environment: TAPESTRY_JUDGE_BASE_URL (e.g.
     http://localhost:8000/v1 for vLLM), TAPESTRY_JUDGE_MODEL, TAPESTRY_JUDGE_API_KEY. Calls are
     cached under OUT/cache and budgeted in OUT/budget.json; a failed judgement is reported missing
-    with its reason, never scored 0. Exit 1 when the budget stopped the run (rerun to resume).
+    with its reason, never scored 0. Exit 1 when a judgement is missing or the budget stopped
+    the run (rerun to resume: stored judgements are reused).
 
     Example:
 
@@ -324,5 +323,5 @@ def judge_command(
         print(json.dumps({k: v for k, v in summary.items() if k != "missing"}))
     else:
         print((out / "report.md").read_text(encoding="utf-8"))
-    if summary["stopped"]:
+    if summary["stopped"] or summary["missing"]:
         raise typer.Exit(1)

@@ -6,7 +6,8 @@
     OUT/report.md              the same for people
 
 A rerun reuses stored rows (and the response cache answers repeated calls), so nothing is
-judged twice. When the budget is spent the run stops cleanly: what was judged is written, the
+judged twice; a row with a failed judgement is asked again (its successful calls come from the
+cache), so a server that was down only costs a rerun. When the budget is spent the run stops cleanly: what was judged is written, the
 rest is listed as not judged, and a rerun with more budget carries on.
 """
 
@@ -22,6 +23,14 @@ from tapestry.eval.judge import Judge, JudgeBudgetSpent
 from tapestry.eval.protocols import EvalSample
 
 
+# Missing for good (the sample cannot have it); any other reason is a failed call, asked again on resume.
+PERMANENT = ("not applicable", "no generated image", "the entry has no")
+
+
+def _settled(row: dict) -> bool:
+    return all(str(why).startswith(PERMANENT) for why in (row.get("missing") or {}).values())
+
+
 def _name(sample_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in sample_id)
 
@@ -32,8 +41,9 @@ def run_protocol(protocol, samples: list[EvalSample], judge: Judge, out: str | P
     rows, reused, stopped = [], 0, None
     for k, sample in enumerate(samples):
         path = out / "judgements" / f"{_name(sample.id)}.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text(encoding="utf-8")))
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if stored is not None and _settled(stored):
+            rows.append(stored)
             reused += 1
         else:
             try:
