@@ -10,12 +10,14 @@ from typing import Any
 
 from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines.image_inline import ImageInline
+from tapestry.data.pipelines.incontext_synth import IncontextSynth
 from tapestry.data.pipelines.video_state_change import VideoStateChange
 from tapestry.data.pipelines.video_story import VideoStory
 from tapestry.data.pipelines.web_howto import WebHowto
 from tapestry.errors import TapestryError
 
-PIPELINES: dict[str, type] = {cls.name: cls for cls in (VideoStory, VideoStateChange, ImageInline, WebHowto)}
+PIPELINES: dict[str, type] = {cls.name: cls for cls in (VideoStory, VideoStateChange, ImageInline, WebHowto,
+                                                              IncontextSynth)}
 
 
 def pipeline_class(name: str) -> type:

@@ -1,0 +1,318 @@
+"""Steps of the synthetic in-context engine (ILLUME-X §4.2 multi-step in-context generation,
+§4.3 multi-round self-reflection): a planner, a difference writer, a judge (model calls with
+offline stand-ins) and the image generators.
+
+- `Planner` (LLM): a global description and, per image, the text around it and a prompt for the
+  image; on ToyWorld each step also carries its exact scene spec. Offline, the plan is a
+  ToyWorld story drawn from the plan's seed (the world spec is the planner).
+- `Differences` (VLM): what must change from image j to image j+1, written from image j and the
+  two prompts before image j+1 is drawn; it guides the generator (offline: the difference of
+  the two scene specs, or of the prompts' words).
+- `Judge` (VLM): does the image follow its prompt? A verdict, a score and a critique the
+  generator gets back on a retry. Offline it is the exact ToyWorld judge on the step's scene.
+- `Generator`: draws one image from the prompt with the earlier images in context.
+  `toyworld-renderer` renders the step's scene spec exactly (a stand-in for a model, clearly
+  named; `flaw_rate` makes a share of first attempts wrong on purpose so the critique-and-retry
+  rounds run); `checkpoint` is any tapestry checkpoint (`Pipeline.from_pretrained`, "default"
+  the embedded one) given the previous images as context images.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from tapestry.data.operators.objects import content_words
+from tapestry.data.operators.vlm import _as_array, _text
+from tapestry.data.providers import ChatRequest, Message, offline_responder
+
+
+@dataclass(frozen=True)
+class Planner:
+    name: ClassVar[str] = "plan"
+    version: ClassVar[str] = "1"
+    task: ClassVar[str] = "incontext-plan"
+
+    min_images: int = 2
+    max_images: int = 6
+    theme: str = "toyworld"  # what the plans are about; "toyworld" plans carry exact scene specs
+    max_tokens: int = 2000
+
+    def request(self, index: int, seed: int) -> ChatRequest:
+        prompt = (
+            f"Plan an illustrated sequence of {self.min_images} to {self.max_images} images about {self.theme!r} "
+            "(plan number " + str(index) + "): a global description of the whole sequence, then for each image "
+            "the sentence that goes before it and a complete prompt that describes the image alone (every "
+            "object, its colour, pattern, size and position, and the background). Consecutive images should "
+            "show the same objects changing step by step. Answer with one JSON object: "
+            '{"global": "...", "steps": [{"text": "...", "prompt": "..."}]}')
+        return ChatRequest([Message.system("You plan illustrated stories."), Message.user(prompt)], json_mode=True,
+                           max_tokens=self.max_tokens, seed=seed, task=self.task, prompt_version=self.version,
+                           hints={"plan_seed": seed * 1_000_003 + index, "theme": self.theme,
+                                  "max_images": self.max_images})
+
+    def check(self, obj: Any) -> dict[str, Any]:
+        from tapestry.toyworld.spec import Scene, SpecError
+
+        if not isinstance(obj, dict) or not isinstance(obj.get("steps"), list):
+            raise ValueError('the answer must be a JSON object with "global" and a list "steps"')
+        steps = obj["steps"]
+        if not self.min_images <= len(steps) <= self.max_images:
+            raise ValueError(f"'steps' must hold {self.min_images} to {self.max_images} images, got {len(steps)}")
+        out = []
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict):
+                raise ValueError(f"steps[{i}] must be an object with text and prompt")
+            item = {"text": _text(step.get("text"), f"steps[{i}].text"),
+                    "prompt": _text(step.get("prompt"), f"steps[{i}].prompt")}
+            if step.get("scene") is not None:
+                try:
+                    item["scene"] = Scene.from_dict(step["scene"], f"steps[{i}].scene").to_dict()
+                except SpecError as e:
+                    raise ValueError(str(e)) from None
+            out.append(item)
+        return {"global": _text(obj.get("global"), "'global'"), "steps": out}
+
+
+@dataclass(frozen=True)
+class Differences:
+    name: ClassVar[str] = "differences"
+    version: ClassVar[str] = "1"
+    task: ClassVar[str] = "incontext-difference"
+
+    max_tokens: int = 300
+
+    def request(self, image: np.ndarray, before: dict[str, Any], after: dict[str, Any], seed: int) -> ChatRequest:
+        prompt = (f"The image shows: {before['prompt']}\nThe next image must show: {after['prompt']}\n"
+                  "Describe only what has to change from this image to the next (objects that move, appear, "
+                  'disappear or change colour, pattern or size), in one or two sentences. Answer with one JSON '
+                  'object: {"difference": "..."}')
+        hints = {"before": before.get("scene"), "after": after.get("scene"),
+                 "prompts": [before["prompt"], after["prompt"]]}
+        return ChatRequest([Message.user(image, prompt)], json_mode=True, max_tokens=self.max_tokens, seed=seed,
+                           task=self.task, prompt_version=self.version, hints=hints)
+
+    @staticmethod
+    def check(obj: Any) -> str:
+        if not isinstance(obj, dict):
+            raise ValueError('the answer must be a JSON object {"difference": "..."}')
+        return _text(obj.get("difference"), "'difference'")
+
+
+@dataclass(frozen=True)
+class Judge:
+    """Self-reflection: up to `rounds` retries of an image the judge rejects."""
+
+    name: ClassVar[str] = "judge"
+    version: ClassVar[str] = "1"
+    task: ClassVar[str] = "incontext-judge"
+
+    rounds: int = 2  # retries after a rejected image (0: no judging at all)
+    # The offline (ToyWorld) judge accepts at this score: clean renders score 1.0, one entity
+    # grown, shrunk, moved or recoloured 0.98 or less.
+    min_score: float = 0.99
+    max_tokens: int = 300
+
+    def request(self, image: np.ndarray, step: dict[str, Any], seed: int) -> ChatRequest:
+        prompt = (f"The image was drawn for this prompt: {step['prompt']}\nDoes it follow the prompt exactly (every "
+                  "object with its colour, pattern, size and position, the background, nothing extra)? Answer with "
+                  'one JSON object: {"ok": true or false, "score": 0..1, "critique": "what is wrong and how to fix '
+                  'it, empty when ok"}')
+        return ChatRequest([Message.user(image, prompt)], json_mode=True, max_tokens=self.max_tokens, seed=seed,
+                           task=self.task, prompt_version=self.version,
+                           hints={"scene": step.get("scene"), "min_score": self.min_score})
+
+    @staticmethod
+    def check(obj: Any) -> dict[str, Any]:
+        if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
+            raise ValueError('the answer must be a JSON object with a boolean "ok"')
+        score = obj.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                                  or not 0 <= score <= 1):
+            raise ValueError("'score' must be a number from 0 to 1 (or null)")
+        critique = obj.get("critique") or ""
+        if not isinstance(critique, str):
+            raise ValueError("'critique' must be a string")
+        if not obj["ok"] and not critique.strip():
+            raise ValueError("a rejected image needs a critique saying what to fix")
+        return {"ok": obj["ok"], "score": None if score is None else float(score), "critique": critique.strip()}
+
+
+# ------------------------------------------------------------------ generators
+@dataclass(frozen=True)
+class Generator:
+    name: ClassVar[str] = "generator"
+    version: ClassVar[str] = "1"
+
+    kind: str = "toyworld-renderer"  # or "checkpoint"
+    checkpoint: str = "default"  # kind "checkpoint": a folder or a name `Pipeline.from_pretrained` knows
+    side: int = 64
+    flaw_rate: float = 0.0  # toyworld-renderer: share of first attempts drawn with one mistake on purpose
+    steps: int | None = None  # kind "checkpoint": sampling steps (None: the checkpoint's default)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("toyworld-renderer", "checkpoint"):
+            raise ValueError(f"generator.kind must be 'toyworld-renderer' or 'checkpoint', got {self.kind!r}")
+        if not 0 <= self.flaw_rate <= 1:
+            raise ValueError("generator.flaw_rate must be between 0 and 1")
+
+    def build(self) -> Any:
+        if self.kind == "toyworld-renderer":
+            return ToyWorldRenderer(self.side, self.flaw_rate)
+        return CheckpointGenerator(self.checkpoint, self.side, self.steps)
+
+
+class ToyWorldRenderer:
+    """Not a model: renders the step's exact scene (the oracle a trained generator should match)."""
+
+    def __init__(self, side: int, flaw_rate: float):
+        self.side, self.flaw_rate = side, flaw_rate
+        self.model = "toyworld-renderer"
+
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+        from tapestry.toyworld.render import render_scene_array
+        from tapestry.toyworld.spec import Scene
+        from tapestry.toyworld.tasks import random_change
+
+        if step.get("scene") is None:
+            raise ValueError("the toyworld-renderer generator needs plans with scene specs (planner theme 'toyworld')")
+        scene = Scene.from_dict(step["scene"])
+        rng = np.random.default_rng(seed)
+        flaw = None
+        if attempt == 0 and rng.random() < self.flaw_rate:
+            change = random_change(rng, scene, ("move", "recolour", "grow", "shrink"))
+            scene, flaw = change.after, f"{change.kind} {change.name}"
+        return render_scene_array(scene, self.side), ({"flaw": flaw} if flaw else {})
+
+
+class CheckpointGenerator:
+    """A tapestry checkpoint: the prompt (and the judge's critique on a retry) as text, the
+    previous images as context images before it, one target image."""
+
+    def __init__(self, checkpoint: str, side: int, steps: int | None):
+        from tapestry.infer.pipeline import Pipeline
+
+        self.pipeline = Pipeline.from_pretrained(checkpoint)
+        self.side, self.steps = side, steps
+        self.model = f"checkpoint:{self.pipeline.checkpoint_hash}"
+
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+        from PIL import Image
+
+        from tapestry.document import Document, ImageSegment, TextSegment
+
+        segments: list[Any] = [ImageSegment("context", name=f"previous{k + 1}", image=Image.fromarray(img))
+                               for k, img in enumerate(context[-2:])]
+        segments.append(TextSegment(step["prompt"] + (f" {guidance}" if guidance else "")))
+        segments.append(ImageSegment("target", width=self.side, height=self.side))
+        options: dict[str, Any] = {"seed": seed}
+        if self.steps is not None:
+            options["steps"] = self.steps
+        made = self.pipeline.generate(Document("incontext", segments), **options)
+        target = [s for s in made.images() if s.role == "target"]
+        if not target or target[-1].image is None:
+            raise ValueError("the checkpoint made no image")
+        image = np.asarray(target[-1].image.convert("RGB").resize((self.side, self.side)))
+        return image, {"checkpoint": self.pipeline.checkpoint, "checkpoint_hash": self.pipeline.checkpoint_hash}
+
+
+# ------------------------------------------------------------ offline stand-ins
+@offline_responder(Planner.task)
+def _offline_plan(request: ChatRequest, rng: random.Random) -> str:
+    """A ToyWorld story from the plan's seed: the world spec is the planner."""
+    from tapestry.toyworld.tasks import describe_scene, plan_story
+
+    seed = int(request.hints.get("plan_seed", 0)) % (2 ** 63)
+    story = plan_story(np.random.default_rng(seed))
+    words = np.random.default_rng(seed + 1)
+    steps = []
+    for k, scene in enumerate(story.scenes):
+        text = story.intro if k == 0 else story.steps[k - 1]
+        steps.append({"text": text, "prompt": describe_scene(words, scene), "scene": scene.to_dict()})
+    from tapestry.toyworld.phrases import article
+
+    cast = [f"{article(e.entity.describe())} {e.entity.describe()}" for e in story.scenes[0].entities]
+    listing = cast[0] if len(cast) == 1 else ", ".join(cast[:-1]) + " and " + cast[-1]
+    shown = min(len(story.scenes), int(request.hints.get("max_images", 6)))
+    return json.dumps({"global": f"A story in {shown} pictures about {listing}: one change per "
+                                 "picture, the same objects throughout.",
+                       "steps": steps[: int(request.hints.get("max_images", 6))]})
+
+
+def describe_difference(before: Any, after: Any) -> str:
+    """What changed between two ToyWorld scenes, entity by entity (matched by key)."""
+    from tapestry.toyworld.spec import CELL_NAMES
+
+    def name(e: Any) -> str:
+        return f"the {e.entity.describe()}"
+
+    old = {e.key or str(i): e for i, e in enumerate(before.entities)}
+    new = {e.key or str(i): e for i, e in enumerate(after.entities)}
+    clauses = []
+    for key, e in old.items():
+        if key not in new:
+            clauses.append(f"{name(e)} disappears")
+            continue
+        n = new[key]
+        if n.entity.colour != e.entity.colour:
+            clauses.append(f"{name(e)} turns {n.entity.colour}")
+        if n.cell != e.cell:
+            clauses.append(f"{name(e)} moves to the {CELL_NAMES[n.cell]}")
+        if n.size != e.size:
+            clauses.append(f"{name(e)} becomes {n.size}")
+    clauses += [f"{name(n)} appears at the {CELL_NAMES[n.cell]}" for key, n in new.items() if key not in old]
+    if before.background != after.background:
+        clauses.append("the background changes")
+    if not clauses:
+        return "Nothing changes."
+    text = "; ".join(clauses)
+    return text[0].upper() + text[1:] + "."
+
+
+@offline_responder(Differences.task)
+def _offline_difference(request: ChatRequest, rng: random.Random) -> str:
+    from tapestry.toyworld.spec import Scene
+
+    before, after = request.hints.get("before"), request.hints.get("after")
+    if before is not None and after is not None:
+        text = describe_difference(Scene.from_dict(before), Scene.from_dict(after))
+    else:
+        a, b = (content_words(p) for p in request.hints.get("prompts", ["", ""]))
+        added, gone = sorted(b - a)[:6], sorted(a - b)[:6]
+        text = (f"Add or change: {', '.join(added) or 'nothing'}; no longer: {', '.join(gone) or 'nothing'}.")
+    return json.dumps({"difference": text})
+
+
+@offline_responder(Judge.task)
+def _offline_judge(request: ChatRequest, rng: random.Random) -> str:
+    """The exact ToyWorld judge on the step's scene; the critique names each entity it scored low."""
+    from tapestry.toyworld.judge import judge_image
+
+    scene = request.hints.get("scene")
+    if scene is None:
+        return json.dumps({"ok": True, "score": None, "critique": "not judged: the offline judge needs a ToyWorld scene"})
+    result = judge_image(scene, _as_array(request.images()[0]))
+    score = float(result["total"])
+    ok = score >= float(request.hints.get("min_score", 0.99))
+    from tapestry.toyworld.spec import CELL_NAMES, PlacedEntity
+
+    problems = []
+    for entity in result["per_entity"]:
+        scores = entity["scores"]
+        if (scores.get("total") or 0.0) < 0.9:
+            placed = PlacedEntity.from_dict(entity["expected"])
+            weak = [k for k, v in scores.items() if k != "total" and v is not None and v < 0.7]
+            problems.append(f"the {placed.size} {placed.entity.describe()} at the {CELL_NAMES[placed.cell]} "
+                            f"({', '.join(weak) or 'low score'})")
+    if result["n_extra"]:
+        problems.append(f"{result['n_extra']} object(s) that the prompt does not ask for")
+    if not ok and not problems:
+        problems.append("the picture does not match the prompt")
+    critique = "" if ok else "Fix: " + "; ".join(problems) + ". Draw exactly what the prompt says."
+    return json.dumps({"ok": ok, "score": round(score, 4), "critique": critique})
