@@ -258,3 +258,42 @@ def test_cli_image_command_json_summary(photos, tmp_path):
     assert {s.meta["mask"] for s in refs} == {"grabcut"}
     wrong = CliRunner().invoke(app, ["image", str(photos), "--out", str(tmp_path / "x"), "--pipeline", "video-story"])
     assert wrong.exit_code == 2 and "does not read images" in wrong.output
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_exactly_the_same_samples(photos, tmp_path):
+    """SIGKILL a real run (driver and workers) after a few commits, rerun: the samples are those
+    of a run that was never interrupted, none lost or doubled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in photos.glob("*.png"):
+        for k in range(4):
+            (inputs / f"{path.stem}{k}.png").write_bytes(path.read_bytes())
+    reference = tmp_path / "reference"
+    run([str(inputs)], options(reference, shard_size=1))
+    expected = {d.id: d.to_json() for d in documents(reference)}
+    assert len(expected) == 12
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "tapestry.data", "image", str(inputs), "--out", str(out), "--workers", "2",
+               "--shard-size", "1", "--json"]
+    manifest = out / STATE_DIR / "manifest.jsonl"
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and manifest.read_text().count('"type": "commit"') >= 3:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before the kill"
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["inputs"]["skipped_as_done"] >= 3
+    assert {d.id: d.to_json() for d in documents(out)} == expected

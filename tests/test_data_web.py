@@ -236,3 +236,15 @@ def test_rerun_resumes_and_cli_prints_json(site, tmp_path):
     after = {k: d.to_json() for k, d in documents(out).items()}
     assert all(after[k] == v for k, v in before.items())
     assert isinstance(documents(out)[next(iter(before))].segments[0], TextSegment)
+
+
+@pytest.mark.slow
+def test_local_and_ray_executors_write_identical_shards(site, tmp_path):
+    pytest.importorskip("ray")
+    inputs = [str(site), str(tmp_path / "missing.html")]
+    local = run(inputs, options(tmp_path / "local", workers=2, shard_size=2))
+    remote = run(inputs, options(tmp_path / "ray", workers=2, shard_size=2, executor="ray"))
+    assert local["shards"] == remote["shards"] and len(local["shards"]) >= 2
+    for name in local["shards"]:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    assert local["rejections"] == remote["rejections"] and remote["exit_code"] == 1
