@@ -297,3 +297,36 @@ def test_kill_and_resume_gives_exactly_the_same_samples(photos, tmp_path):
     summary = json.loads(resumed.stdout)
     assert summary["inputs"]["skipped_as_done"] >= 3
     assert {d.id: d.to_json() for d in documents(out)} == expected
+
+
+def test_openai_compatible_server_drives_every_step(photos, tmp_path):
+    """The same pipeline against a scripted OpenAI-compatible server: each step's request goes out
+    in order (images as data URLs, the weave as text only) and its answer lands in the Document."""
+    from test_data_video_providers import FakeServer
+
+    server = FakeServer()
+    server.script = [
+        ("ok", '{"caption": "A cat rests on a warm rug by the door."}'),
+        ("ok", 'Here you go: {"objects": [{"label": "cat", "box": [200, 150, 800, 850]}]}'),
+        ("ok", '{"polygon": [[250, 200], [750, 200], [750, 800], [250, 800]]}'),
+        ("ok", '{"caption": "A ginger cat curled up with closed eyes."}'),
+        ("ok", '```json\n{"caption": "A <img:cat/> ginger cat rests on a warm rug by the door.", '
+               '"phrases": {"cat": "ginger cat"}}\n```'),
+    ]
+    try:
+        provider = ProviderConfig(kind="openai", model="scripted-vlm", base_url=server.url, max_concurrency=1,
+                                  max_retries=0, timeout_s=5)
+        summary = run([str(photos / "chelsea.png")], options(tmp_path / "out", provider=provider))
+    finally:
+        server.close()
+    assert summary["exit_code"] == 0 and summary["documents"] == 1
+    assert len(server.requests) == 5
+    first, weave_request = server.requests[0], server.requests[-1]
+    assert first["model"] == "scripted-vlm" and first["response_format"] == {"type": "json_object"}
+    assert any(p.get("type") == "image_url" for p in first["messages"][0]["content"])
+    assert all(isinstance(m["content"], str) for m in weave_request["messages"])  # the LLM sees text only
+    doc = documents(tmp_path / "out")[0]
+    assert doc.segments[0].text == "A <img:cat/> ginger cat rests on a warm rug by the door."
+    [ref] = [s for s in doc.images() if s.role == "reference"]
+    assert ref.meta["mask"] == "segmenter" and ref.meta["caption"] == "A ginger cat curled up with closed eyes."
+    assert doc.meta["provider"]["model"] == "scripted-vlm" and summary["provider"]["calls"] == 5
