@@ -289,6 +289,10 @@ def _offline_difference(request: ChatRequest, rng: random.Random) -> str:
     return json.dumps({"difference": text})
 
 
+FLAW_WORDS = {"present": "missing", "cell": "in the wrong place", "colour": "wrong colour",
+              "shape": "wrong shape", "pattern": "wrong pattern", "size": "wrong size"}
+
+
 @offline_responder(Judge.task)
 def _offline_judge(request: ChatRequest, rng: random.Random) -> str:
     """The exact ToyWorld judge on the step's scene; the critique names each entity it scored low."""
@@ -305,11 +309,12 @@ def _offline_judge(request: ChatRequest, rng: random.Random) -> str:
     problems = []
     for entity in result["per_entity"]:
         scores = entity["scores"]
-        if (scores.get("total") or 0.0) < 0.9:
+        if (scores.get("total") or 0.0) < 0.99:
             placed = PlacedEntity.from_dict(entity["expected"])
-            weak = [k for k, v in scores.items() if k != "total" and v is not None and v < 0.7]
-            problems.append(f"the {placed.size} {placed.entity.describe()} at the {CELL_NAMES[placed.cell]} "
-                            f"({', '.join(weak) or 'low score'})")
+            weak = [FLAW_WORDS.get(k, f"wrong {k}") for k, v in scores.items()
+                    if k != "total" and v is not None and v < 0.95]
+            problems.append(f"the {placed.size} {placed.entity.describe()} belongs at the {CELL_NAMES[placed.cell]} "
+                            f"({', '.join(weak) or 'drawn badly'})")
     if result["n_extra"]:
         problems.append(f"{result['n_extra']} object(s) that the prompt does not ask for")
     if not ok and not problems:

@@ -262,7 +262,8 @@ class ImageInline:
                          "prompts": {op.task: op.version for op in (c.global_caption, c.detect, c.masks,
                                                                     c.object_captions, c.weave)}},
             "captions": {"global": caption, "plain": woven["plain"]},
-            "detected": len(found),
+            "objects": {"detected": len(found), "dropped_by_boxes": dropped,
+                        "dropped_by_masks": len(kept) - len(usable)},
         }
         return Document(record, segments, meta)
 
