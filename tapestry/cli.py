@@ -156,7 +156,7 @@ app.command("inspect")(inspect_command)
 app.command("train", help=TRAIN_HELP)(train_command)
 app.command("export", help=EXPORT_HELP)(export_command)
 app.add_typer(toyworld_app, name="toyworld")
-app.add_typer(data_app, name="data", help="Data engines: raw videos, images and web pages -> Document shards.")
+app.add_typer(data_app, name="data", help="Data engines: videos, images, web pages and synthetic plans -> Document shards.")
 app.add_typer(vae_app, name="vae")
 app.add_typer(eval_app, name="eval")
 

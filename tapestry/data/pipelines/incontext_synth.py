@@ -32,6 +32,7 @@ from tapestry.data.pipelines import config as config_io
 from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
+from tapestry.errors import TapestryError
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class IncontextSynth:
             stats.count("generator", seen=1)
             try:
                 image, info = self.generator.draw(step, context, guidance, attempt, seed)
+            except TapestryError as e:  # e.g. the checkpoint cannot be found or loaded
+                raise Rejected("generator", "unavailable", str(e)[:300], failure=True) from None
             except (ValueError, OSError) as e:
                 raise Rejected("generator", "failed", str(e)[:300], failure=True) from None
             stats.count("generator", kept=1)
