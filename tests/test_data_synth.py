@@ -137,3 +137,50 @@ def test_cli_synth_resumes_by_plan_number(tmp_path):
     assert sorted(d.id for d in documents(out)) == [f"incontext-0-00000{k}" for k in range(3)]
     wrong = CliRunner().invoke(app, ["synth", "--n", "1", "--out", str(tmp_path / "x"), "-p", "web-howto"])
     assert wrong.exit_code == 2 and "does not read plans" in wrong.output
+
+
+def test_images_api_generator_against_a_scripted_server(tmp_path, monkeypatch):
+    """An external OpenAI-compatible images endpoint as the generator: prompts (with the
+    difference from the previous image) go out, the returned pictures become the frames."""
+    import base64
+    import io
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from PIL import Image
+
+    prompts, keys = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompts.append(body["prompt"])
+            keys.append(self.headers.get("Authorization"))
+            buffer = io.BytesIO()
+            Image.new("RGB", (96, 96), (30, 200, 60)).save(buffer, format="PNG")
+            payload = json.dumps({"data": [{"b64_json": base64.b64encode(buffer.getvalue()).decode()}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TAPESTRY_IMAGES_API_KEY", "sk-test")
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        summary = run(["1"], options(tmp_path / "out", ["generator.kind=images-api", f"generator.api_base_url={url}",
+                                                        "generator.api_model=painter-1", "judge.rounds=0"]))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert summary["exit_code"] == 0 and summary["documents"] == 1
+    [doc] = documents(tmp_path / "out")
+    targets = [s for s in doc.images() if s.role == "target"]
+    assert len(prompts) == len(targets) and keys == ["Bearer sk-test"] * len(prompts)
+    assert "Changes from the previous picture:" in prompts[1] and "Changes" not in prompts[0]
+    assert all(s.meta["images_api"] == "painter-1" and s.width == 64 for s in targets)
+    assert judge_document(doc)["total"] < 0.5  # plain green squares are not the planned scenes

@@ -248,3 +248,18 @@ def test_local_and_ray_executors_write_identical_shards(site, tmp_path):
     for name in local["shards"]:
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert local["rejections"] == remote["rejections"] and remote["exit_code"] == 1
+
+
+def test_page_images_never_come_from_outside_the_page_folder(tmp_path):
+    from tapestry.data.operators.webpage import local_fetcher
+
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "images" / "ok.png").write_bytes(b"png bytes")
+    (tmp_path / "secret.txt").write_text("secret")
+    fetch = local_fetcher(site, max_bytes=1 << 20)
+    assert fetch("images/ok.png") == b"png bytes" and fetch("/images/ok.png") == b"png bytes"
+    for src in ("../secret.txt", "images/../../secret.txt", "%2e%2e/secret.txt", "https://example.com/a.png",
+                "//example.com/a.png", "file:///etc/passwd", "images/missing.png"):
+        assert fetch(src) is None, src
+    assert fetch("data:image/png;base64,cG5n") == b"png"

@@ -14,7 +14,8 @@ offline stand-ins) and the image generators.
   `toyworld-renderer` renders the step's scene spec exactly (a stand-in for a model, clearly
   named; `flaw_rate` makes a share of first attempts wrong on purpose so the critique-and-retry
   rounds run); `checkpoint` is any tapestry checkpoint (`Pipeline.from_pretrained`, "default"
-  the embedded one) given the previous images as context images.
+  the embedded one) given the previous images as context images; `images-api` is an external
+  OpenAI-compatible images endpoint (text in, so the context travels as the difference).
 """
 
 from __future__ import annotations
@@ -148,21 +149,31 @@ class Generator:
     name: ClassVar[str] = "generator"
     version: ClassVar[str] = "1"
 
-    kind: str = "toyworld-renderer"  # or "checkpoint"
+    kind: str = "toyworld-renderer"  # or "checkpoint", or "images-api"
     checkpoint: str = "default"  # kind "checkpoint": a folder or a name `Pipeline.from_pretrained` knows
+    # kind "images-api": an OpenAI-compatible images endpoint (POST {base_url}/images/generations,
+    # answer data[0].b64_json); the key is read from TAPESTRY_IMAGES_API_KEY, never stored in configs
+    api_base_url: str = ""
+    api_model: str = ""
+    api_timeout_s: float = 120.0
     side: int = 64
     flaw_rate: float = 0.0  # toyworld-renderer: share of first attempts drawn with one mistake on purpose
     steps: int | None = None  # kind "checkpoint": sampling steps (None: the checkpoint's default)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("toyworld-renderer", "checkpoint"):
-            raise ValueError(f"generator.kind must be 'toyworld-renderer' or 'checkpoint', got {self.kind!r}")
+        if self.kind not in ("toyworld-renderer", "checkpoint", "images-api"):
+            raise ValueError("generator.kind must be 'toyworld-renderer', 'checkpoint' or 'images-api', "
+                             f"got {self.kind!r}")
+        if self.kind == "images-api" and not (self.api_base_url and self.api_model):
+            raise ValueError("generator.kind=images-api needs generator.api_base_url and generator.api_model")
         if not 0 <= self.flaw_rate <= 1:
             raise ValueError("generator.flaw_rate must be between 0 and 1")
 
     def build(self) -> Any:
         if self.kind == "toyworld-renderer":
             return ToyWorldRenderer(self.side, self.flaw_rate)
+        if self.kind == "images-api":
+            return ImagesApiGenerator(self.api_base_url, self.api_model, self.side, self.api_timeout_s)
         return CheckpointGenerator(self.checkpoint, self.side, self.steps)
 
 
@@ -220,6 +231,48 @@ class CheckpointGenerator:
             raise ValueError("the checkpoint made no image")
         image = np.asarray(target[-1].image.convert("RGB").resize((self.side, self.side)))
         return image, {"checkpoint": self.pipeline.checkpoint, "checkpoint_hash": self.pipeline.checkpoint_hash}
+
+
+class ImagesApiGenerator:
+    """An external image API speaking OpenAI's images/generations. That endpoint takes text only,
+    so the earlier images reach it as words: the prompt plus the difference from the previous
+    image (and the judge's critique on a retry)."""
+
+    def __init__(self, base_url: str, model: str, side: int, timeout_s: float):
+        self.base_url, self.side, self.timeout_s = base_url.rstrip("/"), side, timeout_s
+        self.model = model
+
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+        import base64
+        import io
+        import os
+        import urllib.error
+        import urllib.request
+
+        from PIL import Image
+
+        prompt = step["prompt"] + (f"\nChanges from the previous picture: {guidance}" if guidance else "")
+        body = json.dumps({"model": self.model, "prompt": prompt, "n": 1, "size": "1024x1024",
+                           "response_format": "b64_json"}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get("TAPESTRY_IMAGES_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(f"{self.base_url}/images/generations", data=body, headers=headers,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                answer = json.loads(response.read())
+            data = base64.b64decode(answer["data"][0]["b64_json"])
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        except urllib.error.HTTPError as e:
+            raise OSError(f"{self.base_url}/images/generations answered {e.code}") from None
+        except (urllib.error.URLError, TimeoutError) as e:
+            raise OSError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}") from None
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"the images API answered without a usable image: {e}") from None
+        return np.asarray(image.resize((self.side, self.side))), {"images_api": self.model}
 
 
 # ------------------------------------------------------------ offline stand-ins

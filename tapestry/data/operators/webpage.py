@@ -110,8 +110,8 @@ def local_fetcher(folder: Path, max_bytes: int) -> Callable[[str], bytes | None]
         if inline is not None or src.startswith("data:"):
             return inline
         parsed = urllib.parse.urlparse(src)
-        if parsed.scheme in ("http", "https", "ftp") or parsed.netloc:
-            return None  # remote: never fetched (no network); a broken image here
+        if parsed.scheme or parsed.netloc:
+            return None  # remote (or file:, ...): never fetched; a broken image here
         path = (root / urllib.parse.unquote(parsed.path).lstrip("/")).resolve()
         if root not in path.parents or not path.is_file() or path.stat().st_size > max_bytes:
             return None
