@@ -39,7 +39,13 @@ def write_photos(folder: str | Path, names: tuple[str, ...] = PHOTOS, toyworld: 
         written.append(folder / f"{name}.png")
     if toyworld:
         from tapestry.data.pipelines.image_inline import toyworld_sidecar
-        from tapestry.toyworld import Background, Entity, PlacedEntity, Scene, render_scene
+        from tapestry.toyworld import (
+            Background,
+            Entity,
+            PlacedEntity,
+            Scene,
+            render_scene,
+        )
 
         scene = Scene(Background("plain", ("slate",)), (
             PlacedEntity(Entity("star", "red", "solid"), 0, "large"),

@@ -134,12 +134,11 @@ class Reorder:
             after = [t for t in texts if t > i][: self.window]
             prev = before[-1] if before else -1
 
-            def score(t: int) -> float:
-                return len(words & content_words(items[t]["text"])) / max(1, len(words))
-
-            best = max(after, key=lambda t: (score(t), -t), default=None)
-            if best is not None and words and score(best) >= self.min_overlap and \
-                    score(best) > (score(prev) if prev >= 0 else 0.0):
+            scores = {t: len(words & content_words(items[t]["text"])) / max(1, len(words)) for t in after}
+            before_score = (len(words & content_words(items[prev]["text"])) / max(1, len(words))
+                            if prev >= 0 else 0.0)
+            best = max(after, key=lambda t: (scores[t], -t), default=None)
+            if best is not None and words and scores[best] >= self.min_overlap and scores[best] > before_score:
                 placement[i] = best
             else:
                 placement[i] = prev

@@ -25,7 +25,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tapestry.data.operators.base import Rejected, Rejection, StageStats, operator_versions
+from tapestry.data.operators.base import (
+    Rejected,
+    Rejection,
+    StageStats,
+    operator_versions,
+)
 from tapestry.data.operators.boxes import BoxFilter
 from tapestry.data.operators.objects import (
     Detect,

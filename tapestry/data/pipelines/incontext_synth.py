@@ -26,7 +26,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tapestry.data.operators.base import Rejected, Rejection, StageStats, operator_versions
+from tapestry.data.operators.base import (
+    Rejected,
+    Rejection,
+    StageStats,
+    operator_versions,
+)
 from tapestry.data.operators.incontext import Differences, Generator, Judge, Planner
 from tapestry.data.pipelines import config as config_io
 from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json

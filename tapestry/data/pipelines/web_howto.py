@@ -24,7 +24,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tapestry.data.operators.base import Rejected, Rejection, StageStats, operator_versions
+from tapestry.data.operators.base import (
+    Rejected,
+    Rejection,
+    StageStats,
+    operator_versions,
+)
 from tapestry.data.operators.howto import Dialog, Rewrite, WebImageCaption
 from tapestry.data.operators.video import resize_long_side
 from tapestry.data.operators.web_images import NearDuplicates, Reorder, WebImageFilter
