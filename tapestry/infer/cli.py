@@ -128,7 +128,7 @@ def generate_command(
             elif event.type == "image_done":
                 progress.remove_task(bars.pop(event.index))
                 if not quiet:
-                    progress.console.print(f"[image {event.index + 1}]", end=" ", highlight=False)
+                    progress.console.print(f"[image {event.index + 1}]", end=" ", highlight=False, markup=False)
             elif event.type == "done":
                 final = event
     if not quiet:
@@ -142,7 +142,7 @@ def generate_command(
         "id": result.id,
         "stop_reason": final.stop_reason,
         "images": result.meta["generation"]["new_images"],
-        "text": "".join(s.text for s in result.segments if s.type == "text" and s.role == "target"),
+        "text": " ".join(s.text.strip() for s in result.segments if s.type == "text" and s.role == "target"),
         "seconds": round(time.perf_counter() - started, 3),
         "timings": {k: round(v, 3) for k, v in final.timings.items()},
         "seed": options.seed,
