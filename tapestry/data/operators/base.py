@@ -97,3 +97,23 @@ class StageStats:
 def operator_versions(*operators: Any) -> dict[str, str]:
     """{name: version} of the operators that made a record, for its provenance."""
     return {op.name: op.version for op in operators}
+
+
+def ask_stage(stage: str, provider: Any, request: Any, check: Any, stats: StageStats, count_kept: bool = True) -> Any:
+    """One provider step of a pipeline: the JSON answer `check` accepts (with the provider's repair
+    retries), timed and counted under `stage`. A failed call rejects the record with the
+    provider's reason; a spent budget stops the run (it is not the record's fault)."""
+    from tapestry.data.providers.base import BudgetExhausted, ProviderError
+    from tapestry.data.providers.jsonmode import ask_json
+
+    with stats.timed(stage):
+        stats.count(stage, seen=1)
+        try:
+            value, _ = ask_json(provider, request, check, provider.repairs)
+        except BudgetExhausted:
+            raise
+        except ProviderError as e:
+            raise Rejected(stage, f"provider-{e.code}", e.message, failure=True) from None
+        if count_kept:
+            stats.count(stage, kept=1)
+    return value

@@ -29,6 +29,7 @@ from tapestry.data.operators.base import (
     Rejected,
     Rejection,
     StageStats,
+    ask_stage,
     operator_versions,
 )
 from tapestry.data.operators.boxes import BoxFilter
@@ -137,18 +138,6 @@ class ImageInline:
         self.config = config
         self.fingerprint = config_io.fingerprint(config)
 
-    def _ask(self, stage: str, provider: Any, request: Any, check: Any, stats: StageStats) -> Any:
-        with stats.timed(stage):
-            stats.count(stage, seen=1)
-            try:
-                value, _ = ask_json(provider, request, check, provider.repairs)
-            except BudgetExhausted:
-                raise
-            except ProviderError as e:
-                raise Rejected(stage, f"provider-{e.code}", e.message, failure=True) from None
-            stats.count(stage, kept=1)
-        return value
-
     def load(self, item: InputItem, stats: StageStats) -> tuple[np.ndarray, bytes, list | None]:
         c = self.config.input
         with stats.timed("load"):
@@ -208,9 +197,9 @@ class ImageInline:
     def document(self, record: str, item: InputItem, rgb: np.ndarray, data: bytes, truth: list | None,
                  provider: Any, stats: StageStats) -> Document:
         c = self.config
-        caption = self._ask(c.global_caption.name, provider, c.global_caption.request(rgb, c.seed),
+        caption = ask_stage(c.global_caption.name, provider, c.global_caption.request(rgb, c.seed),
                             GlobalCaption.check, stats)
-        found = self._ask(c.detect.name, provider, c.detect.request(rgb, c.seed, truth), c.detect.check, stats)
+        found = ask_stage(c.detect.name, provider, c.detect.request(rgb, c.seed, truth), c.detect.check, stats)
         if not found:
             raise Rejected(c.detect.name, "no-objects", "the detector found no object")
         with stats.timed(c.boxes.name):
@@ -245,12 +234,12 @@ class ImageInline:
             stats.count("crops", seen=len(usable), kept=len(crops))
 
         def described(key: str) -> str:
-            return self._ask(c.object_captions.name, provider,
+            return ask_stage(c.object_captions.name, provider,
                              c.object_captions.request(crops[key], objects[key], c.seed), ObjectCaptions.check, stats)
 
         for key, text in zip(objects, map_concurrently(described, list(objects), provider.max_concurrency)):
             objects[key]["caption"] = text
-        woven = self._ask(c.weave.name, provider, c.weave.request(caption, objects, c.seed),
+        woven = ask_stage(c.weave.name, provider, c.weave.request(caption, objects, c.seed),
                           c.weave.check(objects, caption), stats)
         encode = c.output.image
         segments: list[Any] = [TextSegment(woven["caption"])]

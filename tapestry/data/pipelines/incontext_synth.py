@@ -30,11 +30,12 @@ from tapestry.data.operators.base import (
     Rejected,
     Rejection,
     StageStats,
+    ask_stage,
     operator_versions,
 )
 from tapestry.data.operators.incontext import Differences, Generator, Judge, Planner
 from tapestry.data.pipelines import config as config_io
-from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.providers import BudgetExhausted
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 from tapestry.errors import TapestryError
@@ -96,18 +97,6 @@ class IncontextSynth:
             self._generator = self.config.generator.build()
         return self._generator
 
-    def _ask(self, stage: str, provider: Any, request: Any, check: Any, stats: StageStats) -> Any:
-        with stats.timed(stage):
-            stats.count(stage, seen=1)
-            try:
-                value, _ = ask_json(provider, request, check, provider.repairs)
-            except BudgetExhausted:
-                raise
-            except ProviderError as e:
-                raise Rejected(stage, f"provider-{e.code}", e.message, failure=True) from None
-            stats.count(stage, kept=1)
-        return value
-
     def process(self, item: InputItem, provider: Any) -> InputResult:
         stats = StageStats()
         result = InputResult(item.key, item.shown)
@@ -137,7 +126,7 @@ class IncontextSynth:
 
     def document(self, number: int, record: str, provider: Any, stats: StageStats) -> Document:
         c = self.config
-        plan = self._ask(c.plan.name, provider, c.plan.request(number, c.seed), c.plan.check, stats)
+        plan = ask_stage(c.plan.name, provider, c.plan.request(number, c.seed), c.plan.check, stats)
         encode = c.output.image
         segments: list[Any] = [TextSegment(plan["global"])]
         images: list[np.ndarray] = []
@@ -147,7 +136,7 @@ class IncontextSynth:
             segments.append(TextSegment(step["text"]))
             difference = ""
             if j > 0:
-                difference = self._ask(c.differences.name, provider,
+                difference = ask_stage(c.differences.name, provider,
                                        c.differences.request(images[-1], plan["steps"][j - 1], step, c.seed),
                                        Differences.check, stats)
                 segments.append(TextSegment(difference))
@@ -158,7 +147,7 @@ class IncontextSynth:
                 image, info = self.draw(step, images, guidance, attempt, seed * 7 + attempt, stats)
                 verdict = None
                 if c.judge.rounds > 0:
-                    verdict = self._ask(c.judge.name, provider, c.judge.request(image, step, c.seed), Judge.check,
+                    verdict = ask_stage(c.judge.name, provider, c.judge.request(image, step, c.seed), Judge.check,
                                         stats)
                 rounds.append({"image": image, "info": info, "verdict": verdict})
                 if verdict is None or verdict["ok"]:

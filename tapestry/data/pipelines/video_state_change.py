@@ -27,6 +27,7 @@ from tapestry.data.operators.base import (
     Rejected,
     Rejection,
     StageStats,
+    ask_stage,
     operator_versions,
 )
 from tapestry.data.operators.boxes import BoxFilter
@@ -51,7 +52,7 @@ from tapestry.data.pipelines.video_common import (
     source_stem,
     timed_iter,
 )
-from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.providers import BudgetExhausted
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 
@@ -238,27 +239,16 @@ class VideoStateChange:
         rejections += [o for o in outcomes if isinstance(o, Rejection)]
         return [o for o in outcomes if isinstance(o, Document)]
 
-    def _ask(self, stage: str, provider: Any, request: Any, check: Any, stats: StageStats) -> Any:
-        with stats.timed(stage):
-            stats.count(stage, seen=1)
-            try:
-                value, _ = ask_json(provider, request, check, provider.repairs)
-            except BudgetExhausted:
-                raise
-            except ProviderError as e:
-                raise Rejected(stage, f"provider-{e.code}", e.message, failure=True) from None
-        return value
-
     def vlm_steps(self, cand: Candidate, path: str, info: Any, native_source: np.ndarray | None,
                   provider: Any, stats: StageStats) -> Document:
         c = self.config
         source, target = cand.source.rgb, cand.target.rgb
-        verdict = self._ask(c.change.name, provider, c.change.request(source, target, c.seed),
+        verdict = _ask_uncounted(c.change.name, provider, c.change.request(source, target, c.seed),
                             ChangeCheck.check, stats)
         if not verdict["changed"]:
             raise Rejected(c.change.name, "no-change", verdict["reason"] or "the VLM sees no state change")
         stats.count(c.change.name, kept=1)
-        objects = self._ask(c.correspondence.name, provider, c.correspondence.request(source, target, c.seed),
+        objects = _ask_uncounted(c.correspondence.name, provider, c.correspondence.request(source, target, c.seed),
                             c.correspondence.check, stats)
         with stats.timed(c.boxes.name):
             kept, dropped = c.boxes.keep(objects)
@@ -278,7 +268,7 @@ class VideoStateChange:
             if max(crop.shape[:2]) > c.output.crop_max_side:
                 crop = resize_long_side(crop, c.output.crop_max_side)
             crops[key] = crop
-        answer = self._ask(c.instruction.name, provider,
+        answer = _ask_uncounted(c.instruction.name, provider,
                            c.instruction.request(target, crops, named, c.seed),
                            Instruction.check(list(named)), stats)
         stats.count(c.instruction.name, kept=1)
@@ -307,3 +297,8 @@ class VideoStateChange:
             "caption": answer["text"],
         }
         return Document(cand.record, segments, meta)
+
+
+def _ask_uncounted(stage, provider, request, check, stats):
+    """State-change steps count what they keep themselves (a pair may pass one step and fail the next)."""
+    return ask_stage(stage, provider, request, check, stats, count_kept=False)

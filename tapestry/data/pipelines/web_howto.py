@@ -28,6 +28,7 @@ from tapestry.data.operators.base import (
     Rejected,
     Rejection,
     StageStats,
+    ask_stage,
     operator_versions,
 )
 from tapestry.data.operators.howto import Dialog, Rewrite, WebImageCaption
@@ -36,7 +37,7 @@ from tapestry.data.operators.web_images import NearDuplicates, Reorder, WebImage
 from tapestry.data.operators.webpage import PAGE_SUFFIXES, Extract, Page
 from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines.video_common import map_concurrently
-from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.providers import BudgetExhausted
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 from tapestry.storage import ImageRefused, decode_image
@@ -80,18 +81,6 @@ class WebHowto:
     def __init__(self, config: WebHowtoConfig):
         self.config = config
         self.fingerprint = config_io.fingerprint(config)
-
-    def _ask(self, stage: str, provider: Any, request: Any, check: Any, stats: StageStats) -> Any:
-        with stats.timed(stage):
-            stats.count(stage, seen=1)
-            try:
-                value, _ = ask_json(provider, request, check, provider.repairs)
-            except BudgetExhausted:
-                raise
-            except ProviderError as e:
-                raise Rejected(stage, f"provider-{e.code}", e.message, failure=True) from None
-            stats.count(stage, kept=1)
-        return value
 
     def process(self, item: InputItem, provider: Any) -> InputResult:
         stats = StageStats()
@@ -191,7 +180,7 @@ class WebHowto:
         def described(entry: tuple[int, dict[str, Any]]) -> dict[str, Any] | Rejection:
             i, it = entry
             try:
-                return self._ask(c.image_captions.name, provider,
+                return ask_stage(c.image_captions.name, provider,
                                  c.image_captions.request(pixels[it["key"]], it["alt"], context_of(i), page.title,
                                                           c.seed), WebImageCaption.check, stats)
             except Rejected as r:
@@ -224,11 +213,11 @@ class WebHowto:
             raise Rejected("page", "too-few-images", f"{n_images} image(s) left (need {c.output.min_images})")
         keys = [it["key"] for it in items if it["kind"] == "image"][: c.output.max_images]
         plain_items = [{k: v for k, v in it.items() if k in ("kind", "text", "key", "caption")} for it in items]
-        rewritten = self._ask(c.rewrite.name, provider, c.rewrite.request(page.title, plain_items, c.seed),
+        rewritten = ask_stage(c.rewrite.name, provider, c.rewrite.request(page.title, plain_items, c.seed),
                               c.rewrite.check(keys), stats)
         dialog = None
         if c.dialog.enabled:
-            dialog = self._ask(c.dialog.name, provider, c.dialog.request(rewritten["title"], rewritten["steps"],
+            dialog = ask_stage(c.dialog.name, provider, c.dialog.request(rewritten["title"], rewritten["steps"],
                                                                          c.seed), Dialog.check, stats)
         by_key = {it["key"]: it for it in items if it["kind"] == "image"}
         encode = c.output.image
