@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from tapestry.data.operators.base import Rejected, Rejection, StageStats
 from tapestry.data.operators.quality import Aesthetic, Exposure, ImageScorer, Sharpness
 from tapestry.data.operators.video import Frame, Shot, VideoInfo
+from tapestry.data.providers import BudgetExhausted
+from tapestry.data.records import InputItem, InputResult
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
                   ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".gif")
@@ -68,3 +70,49 @@ def shot_provenance(shot: Shot) -> dict[str, Any]:
 def source_provenance(path: str, info: VideoInfo) -> dict[str, Any]:
     return {"path": path, "name": Path(path).name, "sha256": info.sha256, "bytes": info.size_bytes,
             **info.to_json()}
+
+
+# The per-shot step of a video pipeline: (shot, stem, video info, stats, rejections) -> Documents.
+ShotStep = Callable[[Shot, str, VideoInfo, StageStats, list[Rejection]], list]
+
+
+def process_video(item: InputItem, decode: Any, shots_config: Any, per_shot: ShotStep) -> InputResult:
+    """The frame of every video pipeline: probe, decode shot by shot, `per_shot` on each shot.
+
+    A file that breaks mid-way yields nothing (none of it is trusted); a spent provider budget
+    leaves the input unfinished for the next run; rejections of single candidates are kept."""
+    stats = StageStats()
+    result = InputResult(item.key, item.shown)
+    try:
+        with stats.timed("probe"):
+            info = decode.probe(item.path)
+        stats.count("probe", seen=1, kept=1)
+    except Rejected as r:
+        stats.count("probe", seen=1)
+        result.failed = True
+        result.rejections.append(r.rejection)
+        result.stats = stats.to_json()
+        return result
+    stem = source_stem(item.path, info)
+    decoded: dict[str, float] = {}
+    rejections: list[Rejection] = []
+    try:
+        shots = decode.shots(info, shots_config.detector_for_video(), decoded)
+        # Shot by shot, so memory holds one shot's frames whatever the video's length.
+        for shot in timed_iter(shots, stats, "decode"):
+            stats.count("shots", kept=1)
+            result.docs += per_shot(shot, stem, info, stats, rejections)
+    except Rejected as r:  # the file broke mid-way: nothing from it is trusted
+        result.failed = True
+        result.rejections.append(r.rejection)
+        result.stats = stats.to_json()
+        return result
+    except BudgetExhausted as e:  # not done: the engine leaves this input for the next run
+        result.stopped = str(e)
+        return result
+    stats.count("decode", seen=1, kept=1)
+    stats.count("shots", seen=1)  # one video in, its shots out
+    result.video_seconds = decoded.get("seconds", 0.0)
+    result.rejections.extend(rejections)
+    result.stats = stats.to_json()
+    return result

@@ -47,12 +47,10 @@ from tapestry.data.pipelines.video_common import (
     VIDEO_SUFFIXES,
     frame_quality,
     map_concurrently,
+    process_video,
     shot_provenance,
     source_provenance,
-    source_stem,
-    timed_iter,
 )
-from tapestry.data.providers import BudgetExhausted
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 
@@ -152,44 +150,12 @@ class VideoStateChange:
         return scores
 
     def process(self, item: InputItem, provider: Any) -> InputResult:
-        c = self.config
-        stats = StageStats()
-        result = InputResult(item.key, item.shown)
-        try:
-            with stats.timed("probe"):
-                info = c.decode.probe(item.path)
-            stats.count("probe", seen=1, kept=1)
-        except Rejected as r:
-            stats.count("probe", seen=1)
-            result.failed = True
-            result.rejections.append(r.rejection)
-            result.stats = stats.to_json()
-            return result
-        stem = source_stem(item.path, info)
-        decoded: dict[str, float] = {}
-        rejections: list[Rejection] = []
-        try:
-            shots = c.decode.shots(info, c.shots.detector_for_video(), decoded)
-            # Shot by shot, so memory holds one shot's frames whatever the video's length.
-            for shot in timed_iter(shots, stats, "decode"):
-                stats.count("shots", kept=1)
-                candidates = self.shot_candidates(shot, stem, stats, rejections)
-                sources = self.native_sources(candidates, item, info, stats)
-                result.docs += self.documents(candidates, sources, item, info, provider, stats, rejections)
-        except Rejected as r:  # the file broke mid-way: nothing from it is trusted
-            result.failed = True
-            result.rejections.append(r.rejection)
-            result.stats = stats.to_json()
-            return result
-        except BudgetExhausted as e:  # not done: the engine leaves this input for the next run
-            result.stopped = str(e)
-            return result
-        stats.count("decode", seen=1, kept=1)
-        stats.count("shots", seen=1)  # one video in, its shots out
-        result.video_seconds = decoded.get("seconds", 0.0)
-        result.rejections.extend(rejections)
-        result.stats = stats.to_json()
-        return result
+        def per_shot(shot, stem, info, stats, rejections):
+            candidates = self.shot_candidates(shot, stem, stats, rejections)
+            sources = self.native_sources(candidates, item, info, stats)
+            return self.documents(candidates, sources, item, info, provider, stats, rejections)
+
+        return process_video(item, self.config.decode, self.config.shots, per_shot)
 
     def shot_candidates(self, shot: Shot, stem: str, stats: StageStats,
                         rejections: list[Rejection]) -> list[Candidate]:
