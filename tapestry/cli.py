@@ -148,6 +148,7 @@ from tapestry.eval.cli import app as eval_app  # noqa: E402
 from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
 from tapestry.models.vae_cli import app as vae_app  # noqa: E402
+from tapestry.models.vit_cli import app as vit_app  # noqa: E402
 from tapestry.toyworld.cli import app as toyworld_app  # noqa: E402
 from tapestry.train.cli import EXPORT_HELP, TRAIN_HELP, export_command, train_command  # noqa: E402
 
@@ -158,6 +159,7 @@ app.command("export", help=EXPORT_HELP)(export_command)
 app.add_typer(toyworld_app, name="toyworld")
 app.add_typer(data_app, name="data", help="Data engines: videos, images, web pages and synthetic plans -> Document shards.")
 app.add_typer(vae_app, name="vae")
+app.add_typer(vit_app, name="vit")
 app.add_typer(eval_app, name="eval")
 
 

@@ -40,6 +40,7 @@ class ModelConfig:
     use_vit: bool = True  # false: no understanding encoder (given images enter as VAE tokens only)
     use_latent: bool = True  # false: a text-only model (DuetGen stage 1 keeps its gen path frozen)
     init_from: str = ""  # a save_pretrained folder to fine-tune from (Inset: start from a base)
+    init_vit: str = ""  # an encoder folder from `tapestry vit pretrain` (the role SigLIP plays)
     tokenizer: str = ""  # a tokenizer folder; "" trains a byte-level BPE on the data at start
     vocab_size: int = 1024  # size of that BPE
     tokenizer_docs: int = 2000  # documents of the mixture whose text trains it

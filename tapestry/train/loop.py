@@ -24,6 +24,7 @@ import torch
 from tapestry.errors import TapestryError
 from tapestry.layout import LayoutConfig
 from tapestry.models.mot.config import MoTConfig
+from tapestry.models.mot.encoder import load_pretrained_vit
 from tapestry.models.mot.family import layout_config_for, prepare_row
 from tapestry.models.mot.model import MoTModel
 from tapestry.train import checkpoint as ckpt
@@ -203,6 +204,8 @@ class Trainer:
         else:
             with torch.device(self.d.device):
                 model = MoTModel(self.model_config)
+            if self.config.model.init_vit:
+                load_pretrained_vit(model, self.config.model.init_vit)
         model.train()
         apply_freeze(model, stage.freeze)
         module = parallelize(LossModule(model), self.config.parallel, self.d)

@@ -77,10 +77,17 @@ class ViTConfig:
     patch_size: int = 14
     max_patches_per_side: int = 10  # side of both position tables (learned and sin-cos)
     layer_norm_eps: float = 1e-6
+    # Amplitude of the 2-D sin-cos position added after the connector. BAGEL adds it at 1.0 to
+    # SigLIP features of large norm; a small encoder's features start ~25x smaller, so at 1.0 the
+    # decoder sees mostly *where* a patch is, not *what* it shows (issue 20: the default's tokens of
+    # two different references differed by 13 %).
+    pos_scale: float = 1.0
 
     def validate(self) -> None:
+        if not self.pos_scale >= 0:
+            raise ConfigError(f"vit.pos_scale must be >= 0, got {self.pos_scale}")
         for f in fields(self):
-            if f.name != "layer_norm_eps" and getattr(self, f.name) < 1:
+            if f.name not in ("layer_norm_eps", "pos_scale") and getattr(self, f.name) < 1:
                 raise ConfigError(f"vit.{f.name} must be >= 1, got {getattr(self, f.name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"vit.hidden_size must divide into {self.num_heads} heads")

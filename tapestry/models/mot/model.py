@@ -274,11 +274,12 @@ class ViTLayer(nn.Module):
         self.fc1 = nn.Linear(d, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, d)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        # x: [T, Dv] packed patches of several images; mask: [T, T] (an image sees only itself)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        # x: [..., T, Dv] patches (several images packed on T with a [T, T] mask where an image
+        # sees only itself, or one image per leading index with no mask)
         h = self.norm1(x)
-        q, k, v = (p(h).unflatten(-1, (self.num_heads, -1)).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1).flatten(1)
+        q, k, v = (p(h).unflatten(-1, (self.num_heads, -1)).transpose(-3, -2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(-3, -2).flatten(-2)
         x = x + self.out_proj(a)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
@@ -296,13 +297,22 @@ class NaViT(nn.Module):
 
     def forward(self, patches: Tensor, position_ids: Tensor, lengths: list[int]) -> Tensor:
         # patches: [T, 3·p·p]; position_ids: [T] into the side² table; lengths: patches per image
-        image_of = torch.repeat_interleave(torch.arange(len(lengths), device=patches.device),
-                                           torch.tensor(lengths, device=patches.device))
-        mask = image_of[:, None] == image_of[None, :]  # [T, T]
         x = self.patch_embed(patches) + self.pos_embed(position_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.post_norm(x)
+        # Images of one length run as a batch [G, n, Dv] with no mask. One packed [T, T] mask
+        # over all of a row's images costs T² attention (T ~ 2 000 for a training row) where
+        # the images need only Σ n²: 16x the work for 16-patch images (issue 20, profiled).
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(i)
+        out = torch.empty_like(x)
+        for n, members in by_length.items():
+            index = torch.cat([torch.arange(starts[i], starts[i] + n) for i in members]).to(x.device)
+            group = x[index].view(len(members), n, -1)  # [G, n, Dv]
+            for layer in self.layers:
+                group = layer(group)
+            out[index] = group.reshape(len(members) * n, -1)
+        return self.post_norm(out)
 
 
 class Connector(nn.Module):
@@ -412,7 +422,7 @@ class MoTModel(nn.Module):
             lengths.append(h * w)
         pos = torch.cat(positions).to(self.device)
         features = self.vit(torch.cat(patches), pos, lengths)
-        tokens = self.connector(features) + self.vit_pos_embed[pos].to(features.dtype)
+        tokens = self.connector(features) + vit.pos_scale * self.vit_pos_embed[pos].to(features.dtype)
         return list(tokens.split(lengths))
 
     def _need(self, part: str):
