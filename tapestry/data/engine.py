@@ -186,6 +186,14 @@ def run(paths: list[str], options: EngineOptions) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(options.out)
     cls = pipeline_class(options.pipeline)
+    # Local model folders are checked here, at the edge: a wrong one is one line before any work.
+    from tapestry.data.providers.local import check_config
+
+    checked = check_config(options.config)
+    if hasattr(cls, "check_config"):  # inputs a pipeline reads from its config (a seed pool)
+        cls.check_config(options.config)
+    for stage, info in checked.items():
+        options.log(f"{stage}: local {info['model_type']} model {info['path']}")
     manifest, removed = Manifest.open(out, run_header(options))
     if removed:
         options.log(f"removed {len(removed)} leftover file(s) of an interrupted run: {', '.join(removed)}")

@@ -86,3 +86,23 @@ class ImageEncoding:
             image.save(buffer, format="PNG")
         return ImageSegment(role=role, name=name, width=image.width, height=image.height,  # type: ignore[arg-type]
                             meta=meta or {}, encoded=buffer.getvalue())
+
+
+def number_inputs(paths: list[str], noun: str) -> tuple[list[InputItem], list[InputResult]]:
+    """Numbers as inputs: key `{noun}:N` (resume skips finished ones), shown `{noun}-NNNNNN`."""
+    items: list[InputItem] = []
+    failed: list[InputResult] = []
+    seen: set[int] = set()
+    for raw in paths:
+        try:
+            number = int(str(raw))
+            if number < 0:
+                raise ValueError
+        except ValueError:
+            failed.append(InputResult(f"{noun}:{raw}", str(raw), failed=True, rejections=[Rejection(
+                "inputs", f"bad-{noun}-number", f"{raw!r} is not a {noun} number (0, 1, 2, ...)", failure=True)]))
+            continue
+        if number not in seen:
+            seen.add(number)
+            items.append(InputItem(len(items), str(number), f"{noun}:{number}", f"{noun}-{number:06d}"))
+    return items, failed

@@ -15,7 +15,10 @@ offline stand-ins) and the image generators.
   named; `flaw_rate` makes a share of first attempts wrong on purpose so the critique-and-retry
   rounds run); `checkpoint` is any tapestry checkpoint (`Pipeline.from_pretrained`, "default"
   the embedded one) given the previous images as context images; `images-api` is an external
-  OpenAI-compatible images endpoint (text in, so the context travels as the difference).
+  OpenAI-compatible images endpoint (text in, so the context travels as the difference);
+  `images-edit` its edits endpoint with every earlier image attached; `placeholder` a labelled
+  stand-in card for prompts that are not ToyWorld scenes. On a retry the judge's critique is
+  prepended to the prompt (`attempt_prompt`).
 """
 
 from __future__ import annotations
@@ -144,37 +147,58 @@ class Judge:
 
 
 # ------------------------------------------------------------------ generators
+def attempt_prompt(prompt: str, difference: str = "", feedback: str = "") -> str:
+    """The text a generator draws from. Self-reflection feedback on the previous attempt is
+    prepended to the prompt (ILLUME-X §4.3: "this feedback is then prepended to the original
+    user prompt"); the difference from the previous image follows it."""
+    text = prompt
+    if difference:
+        text += f"\nChanges from the previous picture: {difference}"
+    if feedback:
+        text = f"Feedback on the previous attempt: {feedback}\n{text}"
+    return text
+
+
+GENERATOR_KINDS = ("toyworld-renderer", "checkpoint", "images-api", "images-edit", "placeholder")
+
+
 @dataclass(frozen=True)
 class Generator:
     name: ClassVar[str] = "generator"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
 
-    kind: str = "toyworld-renderer"  # or "checkpoint", or "images-api"
+    kind: str = "toyworld-renderer"  # or "checkpoint", "images-api", "images-edit", "placeholder"
     checkpoint: str = "default"  # kind "checkpoint": a folder or a name `Pipeline.from_pretrained` knows
-    # kind "images-api": an OpenAI-compatible images endpoint (POST {base_url}/images/generations,
-    # answer data[0].b64_json); the key is read from TAPESTRY_IMAGES_API_KEY, never stored in configs
+    context_images: int = 2  # kind "checkpoint": how many earlier images go in (0: all of them)
+    # kinds "images-api" / "images-edit": an OpenAI-compatible images endpoint. images-api posts
+    # {base_url}/images/generations (text only); images-edit posts {base_url}/images/edits with
+    # every earlier image of the story attached (multipart), generations for the first image.
+    # The answer is data[0].b64_json; the key is read from TAPESTRY_IMAGES_API_KEY, never stored.
     api_base_url: str = ""
     api_model: str = ""
     api_timeout_s: float = 120.0
+    api_size: str = "1024x1024"
     side: int = 64
     flaw_rate: float = 0.0  # toyworld-renderer: share of first attempts drawn with one mistake on purpose
     steps: int | None = None  # kind "checkpoint": sampling steps (None: the checkpoint's default)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("toyworld-renderer", "checkpoint", "images-api"):
-            raise ValueError("generator.kind must be 'toyworld-renderer', 'checkpoint' or 'images-api', "
-                             f"got {self.kind!r}")
-        if self.kind == "images-api" and not (self.api_base_url and self.api_model):
-            raise ValueError("generator.kind=images-api needs generator.api_base_url and generator.api_model")
+        if self.kind not in GENERATOR_KINDS:
+            raise ValueError(f"generator.kind must be one of {', '.join(GENERATOR_KINDS)}, got {self.kind!r}")
+        if self.kind in ("images-api", "images-edit") and not (self.api_base_url and self.api_model):
+            raise ValueError(f"generator.kind={self.kind} needs generator.api_base_url and generator.api_model")
         if not 0 <= self.flaw_rate <= 1:
             raise ValueError("generator.flaw_rate must be between 0 and 1")
 
     def build(self) -> Any:
         if self.kind == "toyworld-renderer":
             return ToyWorldRenderer(self.side, self.flaw_rate)
-        if self.kind == "images-api":
-            return ImagesApiGenerator(self.api_base_url, self.api_model, self.side, self.api_timeout_s)
-        return CheckpointGenerator(self.checkpoint, self.side, self.steps)
+        if self.kind == "placeholder":
+            return PlaceholderGenerator(self.side)
+        if self.kind in ("images-api", "images-edit"):
+            return ImagesApiGenerator(self.api_base_url, self.api_model, self.side, self.api_timeout_s,
+                                      edit=self.kind == "images-edit", size=self.api_size)
+        return CheckpointGenerator(self.checkpoint, self.side, self.steps, self.context_images)
 
 
 class ToyWorldRenderer:
@@ -184,7 +208,7 @@ class ToyWorldRenderer:
         self.side, self.flaw_rate = side, flaw_rate
         self.model = "toyworld-renderer"
 
-    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], difference: str, feedback: str, attempt: int,
              seed: int) -> tuple[np.ndarray, dict[str, Any]]:
         from tapestry.toyworld.render import render_scene_array
         from tapestry.toyworld.spec import Scene
@@ -201,26 +225,54 @@ class ToyWorldRenderer:
         return render_scene_array(scene, self.side), ({"flaw": flaw} if flaw else {})
 
 
-class CheckpointGenerator:
-    """A tapestry checkpoint: the prompt (and the judge's critique on a retry) as text, the
-    previous images as context images before it, one target image."""
+class PlaceholderGenerator:
+    """Not a model: a deterministic card for any prompt (a colour from the prompt's words, the
+    step's first words written on it, a band per earlier image) so that pipelines whose prompts
+    are not ToyWorld scenes run end to end offline. Its pictures show nothing of the prompt."""
 
-    def __init__(self, checkpoint: str, side: int, steps: int | None):
+    def __init__(self, side: int):
+        self.side = side
+        self.model = "placeholder"
+
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], difference: str, feedback: str, attempt: int,
+             seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+        import hashlib
+
+        from PIL import Image, ImageDraw
+
+        digest = hashlib.sha256(f"{step['prompt']}|{seed}".encode()).digest()
+        image = Image.new("RGB", (self.side, self.side), tuple(64 + b % 160 for b in digest[:3]))
+        draw = ImageDraw.Draw(image)
+        for k in range(len(context)):
+            y = self.side - 4 * (k + 1)
+            draw.rectangle([0, y, self.side, y + 2], fill=tuple(255 - b % 128 for b in digest[3 + k:6 + k]))
+        words = step["prompt"].split()
+        for line in range(3):
+            draw.text((3, 3 + 11 * line), " ".join(words[2 * line:2 * line + 2])[:12], fill=(255, 255, 255))
+        return np.asarray(image), {"placeholder": True}
+
+
+class CheckpointGenerator:
+    """A tapestry checkpoint through `tapestry.infer.Pipeline`: the earlier images (the last
+    `context_images`, or all) as context images, then the attempt's prompt, one target image."""
+
+    def __init__(self, checkpoint: str, side: int, steps: int | None, context_images: int = 2):
         from tapestry.infer.pipeline import Pipeline
 
         self.pipeline = Pipeline.from_pretrained(checkpoint)
-        self.side, self.steps = side, steps
+        self.side, self.steps, self.context_images = side, steps, context_images
         self.model = f"checkpoint:{self.pipeline.checkpoint_hash}"
 
-    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], difference: str, feedback: str, attempt: int,
              seed: int) -> tuple[np.ndarray, dict[str, Any]]:
         from PIL import Image
 
         from tapestry.document import Document, ImageSegment, TextSegment
 
+        shown = context[-self.context_images:] if self.context_images > 0 else context
         segments: list[Any] = [ImageSegment("context", name=f"previous{k + 1}", image=Image.fromarray(img))
-                               for k, img in enumerate(context[-2:])]
-        segments.append(TextSegment(step["prompt"] + (f" {guidance}" if guidance else "")))
+                               for k, img in enumerate(shown)]
+        segments.append(TextSegment(attempt_prompt(step["prompt"], difference, feedback)))
         segments.append(ImageSegment("target", width=self.side, height=self.side))
         options: dict[str, Any] = {"seed": seed}
         if self.steps is not None:
@@ -233,16 +285,37 @@ class CheckpointGenerator:
         return image, {"checkpoint": self.pipeline.checkpoint, "checkpoint_hash": self.pipeline.checkpoint_hash}
 
 
+def multipart_body(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """multipart/form-data for `fields` and (field name, file name, PNG bytes) files -> (body,
+    Content-Type header). The boundary is derived from the content, so it never occurs in it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for value in [*fields.values(), *(data for _, _, data in files)]:
+        digest.update(value.encode() if isinstance(value, str) else value)
+    boundary = f"tapestry-{digest.hexdigest()[:32]}"
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, filename, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     "Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
 class ImagesApiGenerator:
-    """An external image API speaking OpenAI's images/generations. That endpoint takes text only,
-    so the earlier images reach it as words: the prompt plus the difference from the previous
-    image (and the judge's critique on a retry)."""
+    """An external image API speaking OpenAI's images endpoints. `edit=False`: images/generations,
+    text only, so the earlier images reach it as words (the difference from the previous one).
+    `edit=True`: images/edits with every earlier image of the story attached as `image[]`, so
+    the model sees them (the first image of a story, with nothing to edit, goes to generations)."""
 
-    def __init__(self, base_url: str, model: str, side: int, timeout_s: float):
+    def __init__(self, base_url: str, model: str, side: int, timeout_s: float, edit: bool = False,
+                 size: str = "1024x1024"):
         self.base_url, self.side, self.timeout_s = base_url.rstrip("/"), side, timeout_s
-        self.model = model
+        self.model, self.edit, self.size = model, edit, size
 
-    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int,
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], difference: str, feedback: str, attempt: int,
              seed: int) -> tuple[np.ndarray, dict[str, Any]]:
         import base64
         import io
@@ -252,27 +325,39 @@ class ImagesApiGenerator:
 
         from PIL import Image
 
-        prompt = step["prompt"] + (f"\nChanges from the previous picture: {guidance}" if guidance else "")
-        body = json.dumps({"model": self.model, "prompt": prompt, "n": 1, "size": "1024x1024",
-                           "response_format": "b64_json"}).encode()
-        headers = {"Content-Type": "application/json"}
+        from tapestry.data.providers.base import png_bytes
+
+        prompt = attempt_prompt(step["prompt"], difference, feedback)
+        headers: dict[str, str] = {}
         key = os.environ.get("TAPESTRY_IMAGES_API_KEY")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{self.base_url}/images/generations", data=body, headers=headers,
-                                         method="POST")
+        if self.edit and context:
+            endpoint = f"{self.base_url}/images/edits"
+            body, headers["Content-Type"] = multipart_body(
+                {"model": self.model, "prompt": prompt, "n": "1", "size": self.size, "response_format": "b64_json"},
+                [("image[]", f"previous{k + 1}.png", png_bytes(img)) for k, img in enumerate(context)])
+        else:
+            endpoint = f"{self.base_url}/images/generations"
+            headers["Content-Type"] = "application/json"
+            body = json.dumps({"model": self.model, "prompt": prompt, "n": 1, "size": self.size,
+                               "response_format": "b64_json"}).encode()
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 answer = json.loads(response.read())
             data = base64.b64decode(answer["data"][0]["b64_json"])
             image = Image.open(io.BytesIO(data)).convert("RGB")
         except urllib.error.HTTPError as e:
-            raise OSError(f"{self.base_url}/images/generations answered {e.code}") from None
+            raise OSError(f"{endpoint} answered {e.code}") from None
         except (urllib.error.URLError, TimeoutError) as e:
             raise OSError(f"cannot reach {self.base_url}: {getattr(e, 'reason', e)}") from None
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise ValueError(f"the images API answered without a usable image: {e}") from None
-        return np.asarray(image.resize((self.side, self.side))), {"images_api": self.model}
+        info: dict[str, Any] = {"images_api": self.model}
+        if self.edit:
+            info["edited_from"] = len(context)
+        return np.asarray(image.resize((self.side, self.side))), info
 
 
 # ------------------------------------------------------------ offline stand-ins

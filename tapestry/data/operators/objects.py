@@ -92,6 +92,31 @@ class Detect:
 
     max_objects: int = 8  # asked of the detector (the box filter keeps fewer)
     max_tokens: int = 800
+    # "provider": the run's chat provider (a grounding VLM, or offline); "local:/dir": an
+    # open-vocabulary detector checkpoint (OWLv2 layout) run here, batched
+    model: str = "provider"
+    # what a local detector looks for; empty: the content words of the global caption
+    queries: tuple[str, ...] = ()
+    max_queries: int = 16
+    query_template: str = "a photo of a {}"
+    min_score: float = 0.1  # local detector: lowest box score kept
+    batch_size: int = 8
+    local_fields: ClassVar[dict[str, str]] = {"model": "detector"}
+
+    def __post_init__(self) -> None:
+        if self.model != "provider" and not self.model.startswith("local:"):
+            raise ValueError(f"detect.model must be 'provider' or 'local:/dir', got {self.model!r}")
+        if isinstance(self.queries, str):
+            object.__setattr__(self, "queries", tuple(q.strip() for q in self.queries.split(",") if q.strip()))
+        else:
+            object.__setattr__(self, "queries", tuple(self.queries))
+
+    def local_queries(self, caption: str) -> list[str]:
+        """What the local detector is asked to find: `queries`, or the caption's content words."""
+        if self.queries:
+            return list(self.queries)[: self.max_queries]
+        words = [w for w in re.findall(r"[a-z]+", caption.lower()) if w in content_words(caption)]
+        return list(dict.fromkeys(words))[: self.max_queries] or ["object"]
 
     def request(self, image: np.ndarray, seed: int, truth: list[dict[str, Any]] | None = None) -> ChatRequest:
         prompt = (f"Find the salient objects in this image, at most {self.max_objects}: people, animals and "
@@ -117,7 +142,9 @@ class Detect:
 @dataclass(frozen=True)
 class Masks:
     """Instance masks: `source` "provider" asks the segmenter and falls back to GrabCut when
-    its answer fails or is implausible; "grabcut" uses GrabCut only (no model call)."""
+    its answer fails or is implausible; "grabcut" uses GrabCut only (no model call);
+    "local:/dir" runs a promptable segmenter checkpoint (SAM layout) on all boxes of the image
+    at once, with GrabCut for the masks it makes implausible."""
 
     name: ClassVar[str] = "masks"
     version: ClassVar[str] = "1"
@@ -129,10 +156,12 @@ class Masks:
     grabcut_iterations: int = 3
     grabcut_max_side: int = 320  # GrabCut runs on the image shrunk to this (its cost grows with pixels)
     max_tokens: int = 1200
+    batch_size: int = 8
+    local_fields: ClassVar[dict[str, str]] = {"source": "segmenter"}
 
     def __post_init__(self) -> None:
-        if self.source not in ("provider", "grabcut"):
-            raise ValueError(f"masks.source must be 'provider' or 'grabcut', got {self.source!r}")
+        if self.source not in ("provider", "grabcut") and not self.source.startswith("local:"):
+            raise ValueError(f"masks.source must be 'provider', 'grabcut' or 'local:/dir', got {self.source!r}")
 
     def request(self, image: np.ndarray, obj: dict[str, Any], seed: int) -> ChatRequest:
         prompt = (f"Segment the {obj['label']} inside the box {[round(v) for v in obj['box']]} (0-{BOX_GRID} grid "

@@ -94,18 +94,26 @@ ImageScorer = Callable[[np.ndarray], float]
 @dataclass(frozen=True)
 class Aesthetic:
     """A pluggable aesthetic/quality scorer. `scorer` is 'heuristic' (default, local and cheap),
-    'torch:/dir' (a local model directory, see `tapestry.data.plugins`) or
-    'python:module:function' (any callable taking an [H, W, 3] uint8 RGB array, returning a float)."""
+    'local:/path/quality.safetensors' (the small learned scorer of
+    `tapestry.data.providers.quality_net`, batched over a shot's frames), 'torch:/dir' (a local
+    model directory, see `tapestry.data.plugins`) or 'python:module:function' (any callable
+    taking an [H, W, 3] uint8 RGB array, returning a float)."""
 
     name: ClassVar[str] = "aesthetic"
     version: ClassVar[str] = "1"
+    local_fields: ClassVar[dict[str, str]] = {"scorer": "quality"}
 
     scorer: str = "heuristic"
     min_score: float = 0.2
+    batch_size: int = 16  # local scorer: frames per forward pass
 
     def scorer_fn(self) -> ImageScorer:
         if self.scorer == "heuristic":
             return heuristic_aesthetic
+        if self.scorer.startswith("local:"):
+            from tapestry.data.providers.quality_net import LearnedQuality
+
+            return LearnedQuality(self.scorer, self.name)
         from tapestry.data.plugins import load_image_model
 
         model = load_image_model(self.scorer)
@@ -115,6 +123,15 @@ class Aesthetic:
         if "aesthetic" not in frame.scores:
             frame.scores["aesthetic"] = round(float(scorer(frame.work_rgb)), 4)
         return frame.scores["aesthetic"]
+
+    def prime(self, frames: list[Frame], scorer: ImageScorer) -> None:
+        """Score the frames not scored yet in batches, when the scorer takes batches."""
+        todo = [f for f in frames if "aesthetic" not in f.scores]
+        batched = getattr(scorer, "score", None)
+        if not todo or batched is None:
+            return
+        for frame, value in zip(todo, batched([f.work_rgb for f in todo], self.batch_size)):
+            frame.scores["aesthetic"] = round(float(value), 4)
 
     def check(self, frame: Frame, scorer: ImageScorer) -> None:
         value = self.score(frame, scorer)

@@ -2,14 +2,16 @@
 (ILLUME-X compares DINOv2 features of adjacent frames and drops near-duplicates).
 
 The default embedder is computed locally and needs no weights: a zero-mean 16x16 grey thumbnail
-(layout) joined with an 8x4x4 HSV colour histogram (palette). Any local model can replace it
-(`embedder = 'torch:/dir'` or `'python:module:function'`, see `tapestry.data.plugins`).
+(layout) joined with an 8x4x4 HSV colour histogram (palette). A DINOv2 or CLIP checkpoint
+replaces it with `embedder = 'local:/dir'` (batched over a shot's frames, see
+`tapestry.data.providers.local`), any other model with `'torch:/dir'` or
+`'python:module:function'` (see `tapestry.data.plugins`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -32,17 +34,33 @@ def thumbnail_histogram_embedding(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([thumb, hist.astype(np.float32)])
 
 
+class BatchedEmbedder:
+    """A local embedder as a one-image callable, keeping its batched `embed` for `prime`."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        return self.model.embed([rgb])[0]
+
+
 @dataclass(frozen=True)
 class Redundancy:
     name: ClassVar[str] = "redundancy"
     version: ClassVar[str] = "1"
+    local_fields: ClassVar[dict[str, str]] = {"embedder": "embedder"}
 
     embedder: str = "thumbnail-histogram"
     max_cosine: float = 0.99  # above: the later frame adds nothing
+    batch_size: int = 16  # local embedder: frames per forward pass
 
     def embedder_fn(self) -> Embedder:
         if self.embedder == "thumbnail-histogram":
             return thumbnail_histogram_embedding
+        if self.embedder.startswith("local:"):
+            from tapestry.data.providers.local import LocalEmbedder
+
+            return BatchedEmbedder(LocalEmbedder(self.embedder, self.name))
         from tapestry.data.plugins import load_image_model
 
         return load_image_model(self.embedder)
@@ -53,6 +71,15 @@ class Redundancy:
             vector = np.asarray(embed(frame.work_rgb), dtype=np.float32).reshape(-1)
             frame.derived[key] = vector / (np.linalg.norm(vector) + 1e-8)
         return frame.derived[key]
+
+    def prime(self, frames: list[Frame], embed: Embedder) -> None:
+        """Embed the frames not embedded yet in batches, when the embedder takes batches."""
+        key = f"embedding:{self.embedder}"
+        todo = [f for f in frames if key not in f.derived]
+        if not todo or not isinstance(embed, BatchedEmbedder):
+            return
+        for frame, vector in zip(todo, embed.model.embed([f.work_rgb for f in todo], self.batch_size)):
+            frame.derived[key] = vector / (np.linalg.norm(vector) + 1e-8)
 
     def measure(self, source: Frame, target: Frame, embed: Embedder) -> dict[str, float]:
         a, b = self.embedding(source, embed), self.embedding(target, embed)

@@ -99,6 +99,41 @@ class StoryCaptions:
 
 
 @dataclass(frozen=True)
+class KeepDiscard:
+    """ILLUME-X §4.1: after the cheap filters (sharpness, quality, motion, redundancy) a VLM looks
+    at a window's frames and decides whether to keep it, judging content integrity the filters
+    cannot see: subjects cut off or hidden, overlays, watermarks or subtitles over the content,
+    transition effects and blank frames, frames that do not belong together. Its decision and
+    reason go into the Document (`meta.keep_discard`) or the rejection log."""
+
+    name: ClassVar[str] = "keep-discard"
+    version: ClassVar[str] = "1"
+    task: ClassVar[str] = "keep-discard"
+
+    enabled: bool = True
+    max_tokens: int = 200
+
+    def request(self, frames: list[np.ndarray], times: list[float], seed: int) -> ChatRequest:
+        content: list[Any] = []
+        for k, frame in enumerate(frames, start=1):
+            content += [f"Frame {k} ({times[k - 1]:.1f} s):", frame]
+        content.append(
+            f"These {len(frames)} frames are a candidate training sample: a short visual story from one video "
+            "shot. Keep it only if the content is intact: the main subjects are visible and whole, no text "
+            "overlay, watermark, subtitle or logo covers much of it, no frame is blank, a fade or a transition "
+            "effect, and the frames show one continuous scene. Answer with one JSON object: "
+            '{"keep": true or false, "reason": "one short sentence"}')
+        return ChatRequest([Message.user(*content)], json_mode=True, max_tokens=self.max_tokens, seed=seed,
+                           task=self.task, prompt_version=self.version)
+
+    @staticmethod
+    def check(obj: Any) -> dict[str, Any]:
+        if not isinstance(obj, dict) or not isinstance(obj.get("keep"), bool):
+            raise ValueError('the answer must be a JSON object with a boolean "keep" and a "reason"')
+        return {"keep": obj["keep"], "reason": _text(obj.get("reason"), "'reason'")}
+
+
+@dataclass(frozen=True)
 class ChangeCheck:
     name: ClassVar[str] = "change-check"
     version: ClassVar[str] = "1"
@@ -310,6 +345,26 @@ def _offline_story(request: ChatRequest, rng: random.Random) -> str:
     story = (f"{opening} of {len(frames)} frames over {times[-1] - times[0]:.1f} seconds, mostly "
              f"{colour_name(frames[0])}; {first_change}.")
     return json.dumps({"global": story, "frames": described, "transitions": transitions})
+
+
+@offline_responder(KeepDiscard.task)
+def _offline_keep_discard(request: ChatRequest, rng: random.Random) -> str:
+    """Discards windows with a nearly uniform frame (blank, a fade) or one mostly behind black
+    bars; keeps the rest. Measurements, not judgement: a real VLM sees overlays and cut-off subjects."""
+    problems, contrasts = [], []
+    for k, frame in enumerate((_as_array(im) for im in request.images()), start=1):
+        grey = frame.astype(np.float32).mean(axis=2)
+        contrast = float(grey.std())
+        contrasts.append(contrast)
+        dark_rows = float((grey.mean(axis=1) < 16).mean())
+        if contrast < 8:
+            problems.append(f"frame {k} is nearly uniform (grey std {contrast:.1f})")
+        elif dark_rows > 0.3:
+            problems.append(f"frame {k} is {dark_rows:.0%} black bars")
+    if problems:
+        return json.dumps({"keep": False, "reason": "; ".join(problems).capitalize() + "."})
+    return json.dumps({"keep": True, "reason": f"All {len(contrasts)} frames show content (grey std "
+                                               f"{min(contrasts):.0f} to {max(contrasts):.0f}), no blank frame."})
 
 
 @offline_responder(ChangeCheck.task)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.data.pipelines import config as config_io
+from tapestry.data.pipelines.duet_synthetic import DuetSynthetic
 from tapestry.data.pipelines.image_inline import ImageInline
 from tapestry.data.pipelines.incontext_synth import IncontextSynth
 from tapestry.data.pipelines.video_state_change import VideoStateChange
@@ -17,7 +18,7 @@ from tapestry.data.pipelines.web_howto import WebHowto
 from tapestry.errors import TapestryError
 
 PIPELINES: dict[str, type] = {cls.name: cls for cls in (VideoStory, VideoStateChange, ImageInline, WebHowto,
-                                                              IncontextSynth)}
+                                                              IncontextSynth, DuetSynthetic)}
 
 
 def pipeline_class(name: str) -> type:

@@ -48,6 +48,7 @@ from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines.video_common import map_concurrently
 from tapestry.data.pipelines.video_state_change import slug
 from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.providers.local import provenance as local_provenance
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 from tapestry.errors import TapestryError
@@ -137,6 +138,16 @@ class ImageInline:
     def __init__(self, config: ImageInlineConfig):
         self.config = config
         self.fingerprint = config_io.fingerprint(config)
+        self._local: dict[str, Any] = {}  # local models, loaded on first use once per process
+
+    def local_model(self, stage: str) -> Any:
+        if stage not in self._local:
+            from tapestry.data.providers.local import LocalDetector, LocalSegmenter
+
+            c = self.config
+            self._local[stage] = (LocalDetector(c.detect.model, stage) if stage == c.detect.name
+                                  else LocalSegmenter(c.masks.source, stage))
+        return self._local[stage]
 
     def load(self, item: InputItem, stats: StageStats) -> tuple[np.ndarray, bytes, list | None]:
         c = self.config.input
@@ -194,12 +205,39 @@ class ImageInline:
         mask = grabcut_mask(rgb, obj["box"], c.masks.grabcut_iterations, c.masks.grabcut_max_side)
         return mask, "grabcut"
 
+    def detect(self, rgb: np.ndarray, caption: str, truth: list | None, provider: Any,
+               stats: StageStats) -> list[dict[str, Any]]:
+        c = self.config
+        if c.detect.model == "provider":
+            return ask_stage(c.detect.name, provider, c.detect.request(rgb, c.seed, truth), c.detect.check, stats)
+        with stats.timed(c.detect.name):
+            stats.count(c.detect.name, seen=1)
+            found = self.local_model(c.detect.name).detect(
+                [rgb], [c.detect.local_queries(caption)], c.detect.min_score, c.detect.max_objects,
+                batch_size=c.detect.batch_size, template=c.detect.query_template)[0]
+            stats.count(c.detect.name, kept=1)
+        return found
+
+    def local_masks(self, rgb: np.ndarray, kept: list[dict[str, Any]],
+                    stats: StageStats) -> list[tuple[dict[str, Any], np.ndarray, str, float]]:
+        """Masks of every kept box from the local segmenter in one batched call; GrabCut for
+        the ones it makes implausible."""
+        c = self.config
+        masks = self.local_model(c.masks.name).segment([rgb], [[o["box"] for o in kept]], c.masks.batch_size)[0]
+        out = []
+        for obj, (mask, _iou) in zip(kept, masks):
+            source = "segmenter"
+            if not c.masks.plausible(mask, obj["box"]):
+                mask, source = grabcut_mask(rgb, obj["box"], c.masks.grabcut_iterations, c.masks.grabcut_max_side), "grabcut"
+            out.append((obj, mask, source, c.masks.fill(mask, obj["box"])))
+        return out
+
     def document(self, record: str, item: InputItem, rgb: np.ndarray, data: bytes, truth: list | None,
                  provider: Any, stats: StageStats) -> Document:
         c = self.config
         caption = ask_stage(c.global_caption.name, provider, c.global_caption.request(rgb, c.seed),
                             GlobalCaption.check, stats)
-        found = ask_stage(c.detect.name, provider, c.detect.request(rgb, c.seed, truth), c.detect.check, stats)
+        found = self.detect(rgb, caption, truth, provider, stats)
         if not found:
             raise Rejected(c.detect.name, "no-objects", "the detector found no object")
         with stats.timed(c.boxes.name):
@@ -214,7 +252,10 @@ class ImageInline:
             return obj, mask, source, c.masks.fill(mask, obj["box"])
 
         with stats.timed(c.masks.name):
-            outcomes = map_concurrently(masked, kept, provider.max_concurrency)
+            if c.masks.source.startswith("local:"):
+                outcomes = self.local_masks(rgb, kept, stats)
+            else:
+                outcomes = map_concurrently(masked, kept, provider.max_concurrency)
         usable = [o for o in outcomes if c.masks.plausible(o[1], o[0]["box"])]
         stats.count(c.masks.name, seen=len(kept), kept=len(usable))
         if len(usable) < c.output.min_objects:
@@ -259,6 +300,8 @@ class ImageInline:
             "objects": {"detected": len(found), "dropped_by_boxes": dropped,
                         "dropped_by_masks": len(kept) - len(usable)},
         }
+        if local_provenance(c):
+            meta["local_models"] = local_provenance(c)
         return Document(record, segments, meta)
 
 

@@ -5,7 +5,7 @@ seed. Per plan: the planner writes a global description and per-image texts and 
 first image is drawn from its prompt; before each next image an LLM writes what must change from
 the image before, and the generator draws it with the earlier images in context; with
 self-reflection (`judge.rounds` > 0) a judge critiques each image and the generator retries with
-the critique, up to `rounds` times. Rejected attempts stay in the Document as rounds:
+the critique prepended to its prompt, up to `rounds` times. Rejected attempts stay in the Document as rounds:
 
     [global]                                   text, context
     [step 1 text] [frame1]                     text, image (target)
@@ -36,7 +36,7 @@ from tapestry.data.operators.base import (
 from tapestry.data.operators.incontext import Differences, Generator, Judge, Planner
 from tapestry.data.pipelines import config as config_io
 from tapestry.data.providers import BudgetExhausted
-from tapestry.data.records import ImageEncoding, InputItem, InputResult
+from tapestry.data.records import ImageEncoding, InputItem, InputResult, number_inputs
 from tapestry.document import Document, TextSegment
 from tapestry.errors import TapestryError
 
@@ -74,22 +74,7 @@ class IncontextSynth:
     @staticmethod
     def discover(paths: list[str]) -> tuple[list[InputItem], list[InputResult]]:
         """Plan numbers as inputs: key `plan:N` (resume skips finished plans), shown `plan-N`."""
-        items: list[InputItem] = []
-        failed: list[InputResult] = []
-        seen: set[int] = set()
-        for raw in paths:
-            try:
-                number = int(str(raw))
-                if number < 0:
-                    raise ValueError
-            except ValueError:
-                failed.append(InputResult(f"plan:{raw}", str(raw), failed=True, rejections=[Rejection(
-                    "inputs", "bad-plan-number", f"{raw!r} is not a plan number (0, 1, 2, ...)", failure=True)]))
-                continue
-            if number not in seen:
-                seen.add(number)
-                items.append(InputItem(len(items), str(number), f"plan:{number}", f"plan-{number:06d}"))
-        return items, failed
+        return number_inputs(paths, "plan")
 
     @property
     def generator(self) -> Any:
@@ -111,12 +96,12 @@ class IncontextSynth:
         result.stats = stats.to_json()
         return result
 
-    def draw(self, step: dict[str, Any], context: list[np.ndarray], guidance: str, attempt: int, seed: int,
-             stats: StageStats) -> tuple[np.ndarray, dict[str, Any]]:
+    def draw(self, step: dict[str, Any], context: list[np.ndarray], difference: str, feedback: str, attempt: int,
+             seed: int, stats: StageStats) -> tuple[np.ndarray, dict[str, Any]]:
         with stats.timed("generator"):
             stats.count("generator", seen=1)
             try:
-                image, info = self.generator.draw(step, context, guidance, attempt, seed)
+                image, info = self.generator.draw(step, context, difference, feedback, attempt, seed)
             except TapestryError as e:  # e.g. the checkpoint cannot be found or loaded
                 raise Rejected("generator", "unavailable", str(e)[:300], failure=True) from None
             except (ValueError, OSError) as e:
@@ -140,11 +125,11 @@ class IncontextSynth:
                                        c.differences.request(images[-1], plan["steps"][j - 1], step, c.seed),
                                        Differences.check, stats)
                 segments.append(TextSegment(difference))
-            guidance = difference
+            feedback = ""
             rounds: list[dict[str, Any]] = []
             seed = (c.seed * 1_000_003 + number) * 101 + j
             for attempt in range(c.judge.rounds + 1):
-                image, info = self.draw(step, images, guidance, attempt, seed * 7 + attempt, stats)
+                image, info = self.draw(step, images, difference, feedback, attempt, seed * 7 + attempt, stats)
                 verdict = None
                 if c.judge.rounds > 0:
                     verdict = ask_stage(c.judge.name, provider, c.judge.request(image, step, c.seed), Judge.check,
@@ -152,7 +137,7 @@ class IncontextSynth:
                 rounds.append({"image": image, "info": info, "verdict": verdict})
                 if verdict is None or verdict["ok"]:
                     break
-                guidance = f"{difference} {verdict['critique']}".strip()
+                feedback = verdict["critique"]  # prepended to the next attempt's prompt
             final = rounds[-1]
             accepted = final["verdict"] is None or final["verdict"]["ok"]
             all_accepted &= accepted

@@ -33,7 +33,7 @@ from tapestry.data.operators.quality import Aesthetic, Exposure, Sharpness
 from tapestry.data.operators.redundancy import Redundancy
 from tapestry.data.operators.shots import Shots
 from tapestry.data.operators.video import Decode, Frame, Shot
-from tapestry.data.operators.vlm import StoryCaptions
+from tapestry.data.operators.vlm import KeepDiscard, StoryCaptions
 from tapestry.data.operators.windows import Window, Windows
 from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines.video_common import (
@@ -45,6 +45,7 @@ from tapestry.data.pipelines.video_common import (
     source_provenance,
 )
 from tapestry.data.providers import BudgetExhausted, ProviderError, ask_json
+from tapestry.data.providers.local import provenance as local_provenance
 from tapestry.data.records import ImageEncoding, InputItem, InputResult
 from tapestry.document import Document, TextSegment
 
@@ -66,6 +67,7 @@ class VideoStoryConfig:
     aesthetic: Aesthetic = field(default_factory=Aesthetic)
     motion: Motion = field(default_factory=Motion)
     redundancy: Redundancy = field(default_factory=Redundancy)
+    keep_discard: KeepDiscard = field(default_factory=KeepDiscard)
     captions: StoryCaptions = field(default_factory=StoryCaptions)
     output: StoryOutput = field(default_factory=StoryOutput)
     seed: int = 0
@@ -92,7 +94,8 @@ class VideoStory:
     config_class: ClassVar[type] = VideoStoryConfig
     input_suffixes: ClassVar[tuple[str, ...]] = VIDEO_SUFFIXES
     stages: ClassVar[tuple[str, ...]] = ("probe", "decode", "shots", "windows", "sharpness", "exposure",
-                                         "aesthetic", "motion", "redundancy", "filters", "captions")
+                                         "aesthetic", "motion", "redundancy", "filters", "keep-discard",
+                                         "captions")
 
     def __init__(self, config: VideoStoryConfig):
         self.config = config
@@ -147,6 +150,29 @@ class VideoStory:
 
         return process_video(item, self.config.decode, self.config.shots, per_shot)
 
+    def prime(self, windows: list[Window], stats: StageStats) -> None:
+        """Local models score and embed the shot's frames in batches up front (the filters
+        then read the cached values): one forward pass per `batch_size` frames, not per frame.
+        Only frames that pass the cheap sharpness and exposure checks are sent."""
+        c = self.config
+        frames = list({id(f): f for w in windows for f in w.frames}.values())
+        if not frames or not (hasattr(self._scorer, "score") or hasattr(self._embedder, "model")):
+            return
+        passing = []
+        for frame in frames:
+            try:
+                c.sharpness.check(frame)
+                c.exposure.check(frame)
+            except Rejected:
+                continue
+            passing.append(frame)
+        with stats.timed(c.aesthetic.name):
+            c.aesthetic.prime(passing, self._scorer)
+        if passing:
+            good = [f for f in passing if c.aesthetic.score(f, self._scorer) >= c.aesthetic.min_score]
+            with stats.timed(c.redundancy.name):
+                c.redundancy.prime(good, self._embedder)
+
     def shot_candidates(self, shot: Shot, stem: str, stats: StageStats,
                         rejections: list[Rejection]) -> list[Candidate]:
         """The windows of one shot that pass the filters (at most `max_windows_per_shot`)."""
@@ -154,6 +180,7 @@ class VideoStory:
         with stats.timed("windows"):
             windows = c.windows.windows(shot, c.decode.grid_step_s)
         stats.count("windows", seen=1, kept=len(windows))  # one shot in, its windows out
+        self.prime(windows, stats)
         candidates: list[Candidate] = []
         for window in windows:
             record = window.record_id(stem)
@@ -181,23 +208,42 @@ class VideoStory:
         c = self.config
 
         def one(cand: Candidate) -> Document | Rejection:
+            verdict = None
+            if c.keep_discard.enabled:
+                with stats.timed(c.keep_discard.name):
+                    stats.count(c.keep_discard.name, seen=1)
+                    request = c.keep_discard.request([f.rgb for f in cand.frames], [f.time for f in cand.frames],
+                                                     c.seed)
+                    try:
+                        verdict, _ = ask_json(provider, request, KeepDiscard.check, provider.repairs)
+                    except BudgetExhausted:
+                        raise
+                    except ProviderError as e:
+                        return Rejection(c.keep_discard.name, f"provider-{e.code}", e.message, cand.record,
+                                         failure=True)
+                    if not verdict["keep"]:
+                        return Rejection(c.keep_discard.name, "discarded", verdict["reason"], cand.record)
+                    stats.count(c.keep_discard.name, kept=1)
             request = c.captions.request([f.rgb for f in cand.frames], [f.time for f in cand.frames], c.seed)
             try:
-                captions, _ = ask_json(provider, request, StoryCaptions.check(len(cand.frames)), provider.repairs)
+                with stats.timed(c.captions.name):  # busy time of this call (calls run in threads)
+                    captions, _ = ask_json(provider, request, StoryCaptions.check(len(cand.frames)),
+                                           provider.repairs)
             except BudgetExhausted:
                 raise
             except ProviderError as e:
                 return Rejection(c.captions.name, f"provider-{e.code}", e.message, cand.record, failure=True)
-            return self.document(cand, item.shown, info, captions, provider)
+            return self.document(cand, item.shown, info, captions, provider, verdict)
 
-        with stats.timed(c.captions.name):
-            outcomes = map_concurrently(one, candidates, provider.max_concurrency)
+        outcomes = map_concurrently(one, candidates, provider.max_concurrency)
         docs = [o for o in outcomes if isinstance(o, Document)]
         rejections += [o for o in outcomes if isinstance(o, Rejection)]
-        stats.count(c.captions.name, seen=len(candidates), kept=len(docs))
+        asked = sum(1 for o in outcomes if not (isinstance(o, Rejection) and o.stage == c.keep_discard.name))
+        stats.count(c.captions.name, seen=asked, kept=len(docs))
         return docs
 
-    def document(self, cand: Candidate, path: str, info: Any, captions: dict[str, Any], provider: Any) -> Document:
+    def document(self, cand: Candidate, path: str, info: Any, captions: dict[str, Any], provider: Any,
+                 verdict: dict[str, Any] | None = None) -> Document:
         c = self.config
         window, frames, pair_scores = cand.window, cand.frames, cand.pair_scores
         segments: list[Any] = [TextSegment(captions["global"])]
@@ -219,11 +265,17 @@ class VideoStory:
             "pipeline": {"name": self.name, "version": self.version, "config": self.fingerprint,
                          "seed": c.seed},
             "operators": operator_versions(c.decode, c.shots, c.windows, c.sharpness, c.exposure,
-                                           c.aesthetic, c.motion, c.redundancy, c.captions),
+                                           c.aesthetic, c.motion, c.redundancy, c.keep_discard, c.captions),
             "provider": {"name": provider.name, "model": provider.model,
-                         "prompts": {c.captions.task: c.captions.version}},
+                         "prompts": {c.captions.task: c.captions.version,
+                                     **({c.keep_discard.task: c.keep_discard.version} if verdict else {})}},
             "captions": captions,
         }
+        if verdict is not None:
+            meta["keep_discard"] = {"decision": "keep" if verdict["keep"] else "discard", "reason": verdict["reason"]}
+        local = local_provenance(c)
+        if local:
+            meta["local_models"] = local
         return Document(cand.record, segments, meta)
 
 
