@@ -168,7 +168,8 @@ def synth(
     start: int = typer.Option(0, "--start", min=0, help="Index of the first plan (plans are seeded by index)."),
     pipeline: str = typer.Option("incontext-synth", "--pipeline", "-p",
                                  help="incontext-synth (ILLUME-X: planner, generator with images in context, "
-                                      "differences, self-reflection rounds)."),
+                                      "differences, self-reflection rounds) or duet-synthetic (DuetGen: seed pool, "
+                                      "expanded instructions, illustrated answers, validation)."),
     executor: Executor = "local", workers: Workers = 2, ray_address: RayAddress = None,
     provider: ProviderKind = "offline", model: Model = None, base_url: BaseUrl = None,
     concurrency: Concurrency = 4, timeout: Timeout = 60.0, budget_tokens: BudgetTokens = None,
@@ -184,9 +185,14 @@ def synth(
     generator retries (rounds kept in the Document). Offline, on ToyWorld, the planner is the
     world's exact spec and the judge its exact judge.
 
+    duet-synthetic (DuetGen): instructions expanded from a seed pool (--set seeds.path=pool.json),
+    answered as illustrated how-tos, pictures drawn with the earlier ones in context, validated.
+
     Example:
 
         tapestry data synth --n 8 --out shards/synth --json
+
+        tapestry data synth -p duet-synthetic --n 8 --out shards/duet
     """
     paths = [str(k) for k in range(start, start + n)]
     _run_engine("plans", paths, **{k: v for k, v in locals().items() if k not in ("n", "start", "paths")})

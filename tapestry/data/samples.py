@@ -4,6 +4,10 @@
                                                  ground-truth sidecar (DIR/toyworld-scene.json)
     python -m tapestry.data.samples pages DIR    how-to pages with the mess of the real web: an HTML
                                                  page, a markdown page and a WARC archive of two more
+    python -m tapestry.data.samples tiny-models DIR  tiny random-weight OWLv2, SAM, DINOv2 and CLIP
+                                                 checkpoints in their published layouts and a quality
+                                                 scorer file (`tapestry.data.tiny_models`)
+    python -m tapestry.data.samples seeds FILE   duet-synthetic's built-in seed pool as JSON, to edit
 
 The pages hold what the web engine must clean: navigation and footer, an ad and a tracker pixel,
 icons and a logo, a QR code, a scanned document page, a near-duplicate of the image before it,
@@ -237,11 +241,29 @@ def write_pages(folder: str | Path) -> list[Path]:
     return [folder / "coffee.html", folder / "rocket.md", folder / "crawl.warc.gz"]
 
 
+def write_seed_pool(path: str | Path) -> list[Path]:
+    import json
+
+    from tapestry.atomic import atomic_write_text
+    from tapestry.data.operators.duet import DEFAULT_POOL
+
+    atomic_write_text(Path(path), json.dumps(DEFAULT_POOL, indent=1, ensure_ascii=False) + "\n")
+    return [Path(path)]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("photos", "pages"):
-        print("usage: python -m tapestry.data.samples photos|pages DIR", file=sys.stderr)
+    kinds = ("photos", "pages", "tiny-models", "seeds")
+    if len(argv) != 2 or argv[0] not in kinds:
+        print(f"usage: python -m tapestry.data.samples {'|'.join(kinds)} DIR", file=sys.stderr)
         return 2
-    written = write_photos(argv[1]) if argv[0] == "photos" else write_pages(argv[1])
+    if argv[0] == "tiny-models":
+        from tapestry.data.tiny_models import write_tiny_models
+
+        written = list(write_tiny_models(argv[1]).values())
+    elif argv[0] == "seeds":
+        written = write_seed_pool(argv[1])
+    else:
+        written = write_photos(argv[1]) if argv[0] == "photos" else write_pages(argv[1])
     for path in written:
         print(path)
     return 0

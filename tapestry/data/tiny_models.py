@@ -107,7 +107,10 @@ def write_quality(path: Path) -> Path:
 def write_tiny_models(folder: str | Path, kinds: tuple[str, ...] = KINDS, seed: int = 0) -> dict[str, Path]:
     """The tiny checkpoints of `kinds` under `folder`: {kind: path}."""
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     writers = {"owlv2": write_owlv2, "sam": write_sam, "dinov2": write_dinov2, "clip": write_clip}

@@ -55,6 +55,27 @@ def frame_quality(frame: Frame, sharpness: Sharpness, exposure: Exposure, aesthe
     return None
 
 
+def prime_quality(frames: list[Frame], sharpness: Sharpness, exposure: Exposure, aesthetic: Aesthetic,
+                  scorer: ImageScorer, stats: StageStats) -> list[Frame]:
+    """With a batched (local) scorer, score every frame that passes the cheap sharpness and
+    exposure checks in batches up front, so the per-frame filters then read cached values: one
+    forward pass per `aesthetic.batch_size` frames, not one per frame. Returns the frames that
+    pass all three (empty, and nothing done, for a per-frame scorer)."""
+    if not hasattr(scorer, "score"):
+        return []
+    passing = []
+    for frame in {id(f): f for f in frames}.values():
+        try:
+            sharpness.check(frame)
+            exposure.check(frame)
+        except Rejected:
+            continue
+        passing.append(frame)
+    with stats.timed(aesthetic.name):
+        aesthetic.prime(passing, scorer)
+    return [f for f in passing if aesthetic.score(f, scorer) >= aesthetic.min_score]
+
+
 def map_concurrently(fn: Callable[[T], R], items: list[T], limit: int) -> list[R]:
     """fn over items with at most `limit` at once, results in order (model calls wait on I/O)."""
     if limit <= 1 or len(items) <= 1:

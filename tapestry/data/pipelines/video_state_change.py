@@ -46,6 +46,7 @@ from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines.video_common import (
     VIDEO_SUFFIXES,
     frame_quality,
+    prime_quality,
     map_concurrently,
     process_video,
     shot_provenance,
@@ -163,6 +164,7 @@ class VideoStateChange:
         with stats.timed("pairs"):
             pairs = c.pairs.windows(shot, c.decode.grid_step_s)
         stats.count("pairs", seen=1, kept=len(pairs))  # one shot in, its pairs out
+        prime_quality([f for w in pairs for f in w.frames], c.sharpness, c.exposure, c.aesthetic, self._scorer, stats)
         candidates: list[Candidate] = []
         for window in pairs:
             record = window.record_id(stem)

@@ -40,6 +40,7 @@ from tapestry.data.pipelines.video_common import (
     VIDEO_SUFFIXES,
     frame_quality,
     map_concurrently,
+    prime_quality,
     process_video,
     shot_provenance,
     source_provenance,
@@ -151,27 +152,15 @@ class VideoStory:
         return process_video(item, self.config.decode, self.config.shots, per_shot)
 
     def prime(self, windows: list[Window], stats: StageStats) -> None:
-        """Local models score and embed the shot's frames in batches up front (the filters
-        then read the cached values): one forward pass per `batch_size` frames, not per frame.
-        Only frames that pass the cheap sharpness and exposure checks are sent."""
+        """Local models score and embed the shot's frames in batches up front (see
+        `prime_quality`); the filters then read the cached values."""
         c = self.config
-        frames = list({id(f): f for w in windows for f in w.frames}.values())
-        if not frames or not (hasattr(self._scorer, "score") or hasattr(self._embedder, "model")):
-            return
-        passing = []
-        for frame in frames:
-            try:
-                c.sharpness.check(frame)
-                c.exposure.check(frame)
-            except Rejected:
-                continue
-            passing.append(frame)
-        with stats.timed(c.aesthetic.name):
-            c.aesthetic.prime(passing, self._scorer)
-        if passing:
-            good = [f for f in passing if c.aesthetic.score(f, self._scorer) >= c.aesthetic.min_score]
+        frames = [f for w in windows for f in w.frames]
+        if hasattr(self._scorer, "score"):
+            frames = prime_quality(frames, c.sharpness, c.exposure, c.aesthetic, self._scorer, stats)
+        if frames and hasattr(self._embedder, "model"):
             with stats.timed(c.redundancy.name):
-                c.redundancy.prime(good, self._embedder)
+                c.redundancy.prime(list({id(f): f for f in frames}.values()), self._embedder)
 
     def shot_candidates(self, shot: Shot, stem: str, stats: StageStats,
                         rejections: list[Rejection]) -> list[Candidate]:

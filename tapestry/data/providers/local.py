@@ -302,7 +302,8 @@ class LocalDetector:
                 xyxy = np.stack([(cx - bw / 2) * side / w, (cy - bh / 2) * side / h,
                                  (cx + bw / 2) * side / w, (cy + bh / 2) * side / h], axis=1)
                 xyxy = np.clip(xyxy, 0.0, 1.0) * 1000.0
-                keep = np.flatnonzero((best >= min_score) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
+                # boxes under one grid unit a side (squeezed flat by the clipping) are no objects
+                keep = np.flatnonzero((best >= min_score) & (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1))
                 keep = keep[np.argsort(-best[keep], kind="stable")]
                 chosen: list[int] = []
                 for k in keep:
