@@ -210,9 +210,10 @@ class ImageInline:
         c = self.config
         if c.detect.model == "provider":
             return ask_stage(c.detect.name, provider, c.detect.request(rgb, c.seed, truth), c.detect.check, stats)
+        detector = self.local_model(c.detect.name)  # loaded once per process, outside the stage's time
         with stats.timed(c.detect.name):
             stats.count(c.detect.name, seen=1)
-            found = self.local_model(c.detect.name).detect(
+            found = detector.detect(
                 [rgb], [c.detect.local_queries(caption)], c.detect.min_score, c.detect.max_objects,
                 batch_size=c.detect.batch_size, template=c.detect.query_template)[0]
             stats.count(c.detect.name, kept=1)
@@ -251,6 +252,8 @@ class ImageInline:
             mask, source = self.mask(rgb, obj, provider, stats)
             return obj, mask, source, c.masks.fill(mask, obj["box"])
 
+        if c.masks.source.startswith("local:"):
+            self.local_model(c.masks.name)  # loaded once per process, outside the stage's time
         with stats.timed(c.masks.name):
             if c.masks.source.startswith("local:"):
                 outcomes = self.local_masks(rgb, kept, stats)
