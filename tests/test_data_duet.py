@@ -147,7 +147,7 @@ def test_duet_synthetic_writes_validated_conversations_from_the_seed_pool(tmp_pa
         assert source["seed"] == pool[k // 4]["seed"] and source["variant"] == k % 4 and source["batch"] == 0
         texts = [s for s in doc.segments if not hasattr(s, "width")]
         assert texts[0].text == f"User: {source['instruction']}" and texts[0].role == "context"
-        assert texts[1].text.startswith("Assistant: ")
+        assert texts[1].text.startswith("Assistant: ") and all(t.role == "target" for t in texts[1:])
         steps = [s for s in doc.images()]
         assert 2 <= len(steps) <= 6 and all(s.role == "target" and s.meta["prompt"] for s in steps)
         assert doc.meta["validation"]["review"] == {"ok": True, "problems": []}

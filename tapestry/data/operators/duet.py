@@ -269,8 +269,10 @@ def _offline_expand(request: ChatRequest, rng: random.Random) -> str:
 @offline_responder(Answer.task)
 def _offline_answer(request: ChatRequest, rng: random.Random) -> str:
     instruction = request.hints.get("instruction", "")
-    words = [w for w in re.findall(r"[a-z]+", instruction.lower()) if w in content_words(instruction)]
-    topic = " ".join(words[:4]) or "the task"
+    asking = {"how", "do", "does", "can", "what", "my", "me", "should", "way", "when", "why"}
+    words = [w for w in re.findall(r"[a-z]+", instruction.lower())
+             if w in content_words(instruction) and w not in asking]
+    topic = " ".join(words[:3]) or "task"
     n = rng.randint(2, min(4, int(request.hints.get("max_steps", 4))))
     verbs = ("Prepare", "Start with", "Work on", "Check", "Finish")
     steps = [{"text": f"Step {k + 1}: {verbs[k % len(verbs)].lower()} the {topic}, slowly and carefully.",

@@ -176,9 +176,9 @@ class DuetSynthetic:
         report = self.validate(instruction, answer["steps"], images, provider, stats)
         encode = c.output.image
         segments: list[Any] = [TextSegment(f"User: {instruction}", "context"),
-                               TextSegment(f"Assistant: {answer['title']}. {answer['intro']}")]
+                               TextSegment(f"Assistant: {answer['title']}. {answer['intro']}", "target")]
         for j, (step, image) in enumerate(zip(answer["steps"], images)):
-            segments.append(TextSegment(step["text"]))
+            segments.append(TextSegment(step["text"], "target"))
             segments.append(encode.segment(image, "target", f"step{j + 1}", {"prompt": step["prompt"]}))
         meta: dict[str, Any] = {
             "source": {"domain": seed["domain"], "subcategory": seed["subcategory"], "seed": seed["seed"],
