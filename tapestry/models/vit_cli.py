@@ -62,7 +62,7 @@ def pretrain(
         raise _fail(f"--out {out} holds files this command did not write ({', '.join(foreign[:3])}); "
                     "choose another folder or pass --overwrite")
     # references are drawn at the side the training data renders targets at
-    vit_config, side = train_config.model.vit, train_config.layout.target_size[0]
+    vit_config, side = train_config.model.arch.vit, train_config.layout.target_size[0]
     settings = EncoderPretrainConfig(side=side, train_images=images, val_images=val, steps=steps, seed=seed, threads=threads)
     if quiet:
         report = run(vit_config, settings, out)
