@@ -1,0 +1,224 @@
+"""Model families behind one protocol (DESIGN §5), and the registry that finds them by name.
+
+Training (`tapestry.train`), inference (`tapestry.infer`) and evaluation (`tapestry.eval`) never
+import a family's folder and never branch on a family: they look the family up here by the
+`family` field of a checkpoint's `config.json` / `pipeline.json` (or `model.family` of a
+training config) and call only the methods below. A family's folder
+(`tapestry/models/<family>/`) holds its config, model, glue (an object implementing `Family`)
+and converters for upstream checkpoint layouts; it registers that object with `register`.
+
+Built-in families are imported lazily the first time they are asked for (`BUILTIN`), so
+importing this module imports no family. A family outside the package (a plugin, or the
+test-only family of tests/test_family_protocol.py) calls `register(MyFamily())` once.
+
+The protocol, in the order a model's life uses it
+--------------------------------------------------
+
+Config and weights
+    recipe                      dataclass of the keys this family reads from a training
+                                config's [model] table (besides the shared ones: family,
+                                init_from, tokenizer, vocab_size, tokenizer_*, vae)
+    model_config(recipe, vocab_size, latent_channels) -> config
+                                the typed model config (has `to_json()`), sizes filled in from
+                                the tokenizer and the autoencoder
+    load_config(folder) -> config
+    build(config) -> nn.Module  fresh weights (seeded by the caller's torch RNG); may run under
+                                `torch.device("meta")`
+    from_pretrained(folder, device) / model.save_pretrained(folder)
+                                `config.json` (with `"family": name`) + safetensors
+    from_state_dict(config, state, source) -> nn.Module
+                                a model holding exactly `state` (strict keys); export and EMA
+    layout_config(config, downsample, **choices) -> LayoutConfig
+                                the token grids this model reads (sizes come from the model)
+
+Training
+    layout(doc, tokenizer, layout, supervise_text) -> SequenceLayout
+                                Document -> the family's packed sequence (tapestry.layout);
+                                condition dropout cuts the Document before this is called
+    prepare(row, documents, layout, codec, generator, timestep_shift) -> inputs
+                                a packed row + its Documents -> the model's inputs (pixels,
+                                noised latents, targets), seeded by `generator`
+    codec_pixels(row, documents, layout) -> [Tensor [3, H, W]]
+                                the pixels `prepare` will encode (batched ahead of time)
+    loss_counts(rows, config) -> {part: count}
+                                denominators of each loss part over the *global* batch
+    loss(model, batch) -> {part: summed loss tensor}
+                                named parts (e.g. "text" CE, "flow" MSE), summed over this
+                                process's rows; train/loss.py divides by the global counts and
+                                weighs them with the stage (`text_weight`, `flow_weight`,
+                                `loss_weights`)
+    param_groups: tuple[str]    names of parameter groups (freeze sets, per-group lr); every
+    group_of(name) -> str       parameter (name relative to the model) belongs to one
+    blocks(model) -> [nn.Module]
+                                the repeated units activation checkpointing, compile and FSDP2
+                                wrap
+
+Inference
+    runtime(model, tokenizer, codec, layout) -> Runtime (below): what the engine drives
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from tapestry.errors import TapestryError
+
+# name -> module that registers it when imported (the families that ship in the package)
+BUILTIN: dict[str, str] = {"mot": "tapestry.models.mot.family"}
+DEFAULT_FAMILY = "mot"
+
+
+class FamilyError(TapestryError):
+    """A family name that nobody registered, or a checkpoint that names none."""
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One model ready to generate: what `tapestry.infer.engine` drives, and all it drives.
+
+    A *context* is the family's cached state of one Document prefix (a KV cache, features of
+    the images so far, ...): opaque to the engine, which only hands it back. Guidance branches
+    are separate contexts built from separate (condition-dropped) Documents.
+
+        context = prefill(doc, recompute)  # every given segment of `doc` (no targets), opened
+                                           # after the last one (no end-of-document token);
+                                           # an empty doc is just the begin-of-document token
+        append_text(context, ids)          # text tokens (including BOI/EOI/EOS the engine chose)
+        append_image(context, image, role) # a finished image joins: a given one whole (its
+                                           # begin/end markers included), or — after
+                                           # begin_image — the one just drawn, at its place,
+                                           # followed by its end marker
+        begin_image(context)               # the image about to be drawn takes its place
+                                           # (called on every branch context after its BOI)
+        next_text(context) -> logits [V]   # the language head after the last token
+        noise(size, generator) -> x        # initial latents of a (height, width) image
+        denoise(contexts, x, t, batched) -> {branch: v}
+                                           # velocity of x at time t under every branch, each
+                                           # against its own context; same shape as x with
+                                           # channels last (what guidance rules expect)
+        decode(x, size) -> pixels          # [1, 3, H, W] in about [-1, 1]
+        target_size                        # (height, width) of a target that declares none
+
+    Everything runs under `torch.inference_mode()` (the engine enters it).
+    """
+
+    tokenizer: Any
+    target_size: tuple[int, int]
+
+    def prefill(self, doc, recompute: bool = False) -> Any: ...
+
+    def append_text(self, context: Any, ids: list[int]) -> None: ...
+
+    def append_image(self, context: Any, image, role: str) -> None: ...
+
+    def begin_image(self, context: Any) -> None: ...
+
+    def next_text(self, context: Any) -> Tensor: ...
+
+    def noise(self, size: tuple[int, int], generator) -> Tensor: ...
+
+    def denoise(self, contexts: dict[str, Any], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]: ...
+
+    def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor: ...
+
+
+@runtime_checkable
+class Family(Protocol):
+    """What every model family implements (see the module docstring for each method)."""
+
+    name: str
+    recipe: type
+    param_groups: tuple[str, ...]
+
+    def model_config(self, recipe: Any, vocab_size: int, latent_channels: int) -> Any: ...
+
+    def load_config(self, folder: str | Path) -> Any: ...
+
+    def build(self, config: Any) -> Any: ...
+
+    def from_pretrained(self, folder: str | Path, device: Any = "cpu") -> Any: ...
+
+    def from_state_dict(self, config: Any, state: dict[str, Tensor], source: str = "<state dict>") -> Any: ...
+
+    def layout_config(self, config: Any, downsample: int, **choices) -> Any: ...
+
+    def layout(self, doc, tokenizer, layout, supervise_text: bool = True) -> Any: ...
+
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0) -> Any: ...
+
+    def codec_pixels(self, row, documents, layout) -> list[Tensor]: ...
+
+    def loss_counts(self, rows, config: Any) -> dict[str, int]: ...
+
+    def loss(self, model, batch) -> dict[str, Tensor]: ...
+
+    def group_of(self, name: str) -> str: ...
+
+    def blocks(self, model) -> list: ...
+
+    def runtime(self, model, tokenizer, codec, layout) -> Runtime: ...
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make `family` findable by `family.name` (a later registration of the name replaces it)."""
+    missing = [m for m in ("name", "recipe", "param_groups", "build", "loss", "runtime") if not hasattr(family, m)]
+    if missing:
+        raise FamilyError(f"{type(family).__name__} is not a model family: it lacks {missing}")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def names() -> list[str]:
+    """Every family that can be asked for: built in, or registered."""
+    return sorted(set(BUILTIN) | set(_REGISTRY))
+
+
+def get(name: str) -> Family:
+    """The family registered as `name` (a built-in one is imported on first use)."""
+    if name not in _REGISTRY and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    if name not in _REGISTRY:
+        raise FamilyError(f"unknown model family {name!r}; known families: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def family_name(config: dict[str, Any], where: str = "config") -> str:
+    """The family a config.json / pipeline.json dict names: its `family` field, or for files
+    written before that field existed, the `tapestry.<family>` of its `format`."""
+    name = config.get("family")
+    if name is None:
+        fmt = config.get("format", "")
+        name = fmt.split(".", 1)[1] if isinstance(fmt, str) and fmt.startswith("tapestry.") else None
+    if not isinstance(name, str) or not name:
+        raise FamilyError(f"{where}: names no model family (no 'family' field)")
+    return name
+
+
+def family_of_folder(folder: str | Path) -> Family:
+    """The family of a model folder, from its config.json."""
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FamilyError(f"{folder}: no config.json (not a model folder)") from None
+    except json.JSONDecodeError as exc:
+        raise FamilyError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FamilyError(f"{path}: not a JSON object")
+    return get(family_name(data, str(path)))
+
+
+__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "Runtime", "family_name", "family_of_folder",
+           "get", "names", "register", "unregister"]
