@@ -23,7 +23,7 @@ def random_model(hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: i
 
 def filled_context(model, length: int, recompute: bool = False, chunk: int = 512):
     """A Context holding `length` clean tokens: text (causal, und) and image (full, gen) blocks."""
-    from tapestry.infer.context import Block, Context
+    from tapestry.models.mot.context import Block, Context
 
     ctx = Context(model, recompute=recompute)
     d = model.config.llm.hidden_size

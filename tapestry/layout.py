@@ -319,56 +319,94 @@ def packing_efficiency(rows: Sequence[SequenceLayout]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 TextScope = Literal["all", "last"]
-BRANCH_DROPS: dict[str, tuple[bool, bool]] = {  # branch -> (drop text, drop images)
-    "cond": (False, False),
-    "no_text": (True, False),
-    "no_image": (False, True),
-    "uncond": (True, True),
-}
 
 
-def branch_document(doc, branch: str, text_scope: TextScope = "all"):
-    """The Document a guidance branch conditions on: `doc` with its text and/or given images
-    dropped. Dropping happens on the Document, not on tokens, so a branch is laid out exactly as
+def first_target_image(doc) -> int | None:
+    """Index of the first target image segment of `doc`, or None."""
+    from tapestry.document import ImageSegment
+
+    return next((i for i, s in enumerate(doc.segments) if isinstance(s, ImageSegment) and s.role == "target"), None)
+
+
+def target_images(doc) -> list[int]:
+    from tapestry.document import ImageSegment
+
+    return [i for i, s in enumerate(doc.segments) if isinstance(s, ImageSegment) and s.role == "target"]
+
+
+def branch_document(doc, branch: str, target: int | None = None):
+    """The Document a guidance branch conditions on when drawing the target image
+    `doc.segments[target]` (default: the first target image): what precedes that image, with
+    the branch's conditions dropped (tapestry.models.common.guidance.BRANCHES), then the image.
+    Dropping happens on the Document, not on tokens, so inference lays out a branch exactly as
     training lays out a sample whose conditions were dropped (the same function serves both).
 
-    - text dropped: the words go, image slots stay in reading order; `text_scope="last"` drops
-      only the last text segment before the first target (BAGEL's and DuetGen's negative).
-    - images dropped: reference and context images go, with their slots; targets stay.
+    - Conditions are everything before the target, whoever wrote it: given text, text the model
+      wrote (role `target` in the engine's Document so far), given images, and earlier target
+      images (which become `context` images: at inference they have been drawn by then).
+      Whatever follows the target is cut.
+    - all text dropped (`no_text`, `uncond`): the words go, image slots stay in reading order.
+    - the last text chunk dropped (`no_last_text`): the text since the previous image in
+      reading order goes — a whole text segment, or the tail of one after its last slot.
+    - images dropped (`no_image`, `uncond`): every image before the target goes, with its slot.
     """
     from tapestry.document import Document, ImageSegment, TextSegment
     from tapestry.markup import replace_slots
+    from tapestry.models.common.guidance import BRANCHES
 
-    if branch not in BRANCH_DROPS:
-        raise ValueError(f"unknown guidance branch {branch!r}; expected one of {', '.join(BRANCH_DROPS)}")
-    if text_scope not in ("all", "last"):
-        raise ValueError(f"text_scope must be 'all' or 'last', got {text_scope!r}")
-    drop_text, drop_images = BRANCH_DROPS[branch]
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown guidance branch {branch!r}; expected one of {', '.join(BRANCHES)}")
+    text_drop, drop_images = BRANCHES[branch]
+    if target is None:
+        target = first_target_image(doc)
+    elif not (0 <= target < len(doc.segments) and isinstance(doc.segments[target], ImageSegment)
+              and doc.segments[target].role == "target"):
+        raise ValueError(f"segments[{target}] of document {doc.id!r} is not a target image")
+    end = len(doc.segments) if target is None else target
     bindings = doc.bindings()
-    first_target = next((i for i, s in enumerate(doc.segments) if getattr(s, "role", None) == "target"),
-                        len(doc.segments))
-    text_indices = [i for i, s in enumerate(doc.segments[:first_target]) if isinstance(s, TextSegment)]
-    dropped_text = set(text_indices if text_scope == "all" else text_indices[-1:]) if drop_text else set()
-    dropped_images = {i for i, s in enumerate(doc.segments)
-                      if drop_images and isinstance(s, ImageSegment) and s.role != "target"}
     by_segment: dict[int, list] = {}
     for b in bindings:
         by_segment.setdefault(b.segment, []).append(b)
-    segments = []
-    for i, segment in enumerate(doc.copy().segments):
-        if i in dropped_images:
+    bound = {b.image_segment for b in bindings}
+    segments = doc.copy().segments
+    kept_text = {i for i in range(end) if isinstance(segments[i], TextSegment)}
+    # images bound into kept text stay (wherever their segment is); anything else after the target goes
+    keep = set(range(end)) | {b.image_segment for b in bindings if b.segment in kept_text}
+    if target is not None:
+        keep.add(target)
+    dropped_images = {i for i in keep if drop_images and isinstance(segments[i], ImageSegment) and i != target}
+    cut_text: dict[int, int] = {}  # text segment -> characters kept (the rest is the last chunk)
+    if text_drop == "all":
+        cut_text = {i: 0 for i in kept_text}
+    elif text_drop == "last":
+        for i in range(end - 1, -1, -1):  # back from the target to the previous image in reading order
+            segment = segments[i]
+            if isinstance(segment, ImageSegment):
+                if i in bound:  # appears at its slot, inside some text
+                    continue
+                break
+            slots = by_segment.get(i, [])
+            cut_text[i] = max((b.slot.end for b in slots), default=0)
+            if slots:
+                break
+    out = []
+    for i, segment in enumerate(segments):
+        if i not in keep or i in dropped_images:
             continue
         if isinstance(segment, TextSegment):
             slots = [b.slot for b in by_segment.get(i, [])]
             kept = [b.slot.markup if b.image_segment not in dropped_images else "" for b in by_segment.get(i, [])]
-            if i in dropped_text:
+            if cut_text.get(i) == 0:
                 text = "".join(kept)
             else:
-                text = replace_slots(segment.text, slots, kept)
+                text = segment.text[: cut_text[i]] if i in cut_text else segment.text
+                text = replace_slots(text, slots, kept)
                 if "" in kept:  # a removed slot leaves its two neighbouring spaces behind
                     text = re.sub(r" {2,}", " ", text).strip()
             if not text:
                 continue
             segment.text = text
-        segments.append(segment)
-    return Document(doc.id, segments, dict(doc.meta))
+        elif i != target and segment.role == "target":
+            segment.role = "context"
+        out.append(segment)
+    return Document(doc.id, out, dict(doc.meta))

@@ -9,6 +9,7 @@ from tapestry.models.common.guidance import (
     inset_two_stage,
     required_branches,
     two_condition,
+    validate_scales,
 )
 
 
@@ -45,7 +46,7 @@ def test_bagel_global_renorm_by_hand():
     cond = _t([[3.0, 4.0], [0.0, 1.0]])
     no_text = _t([[0.0, 0.0], [0.0, -1.0]])
     no_image = torch.zeros_like(cond)
-    br = {"cond": cond, "no_text": no_text, "no_image": no_image}
+    br = {"cond": cond, "no_last_text": no_text, "no_image": no_image}
     # text-guided (scale 2): [[6, 8], [0, 3]]; norm √109 against the conditional's √26
     out = apply_guidance("bagel", br, t=1.0, text_scale=2.0, image_scale=1.0, renorm="global")
     expected = _t([[6.0, 8.0], [0.0, 3.0]]) * math.sqrt(26 / 109)
@@ -58,7 +59,7 @@ def test_bagel_global_renorm_by_hand():
 def test_bagel_channel_renorm_by_hand():
     cond = _t([[3.0, 4.0], [0.0, 1.0]])
     no_text = _t([[0.0, 0.0], [0.0, -1.0]])
-    br = {"cond": cond, "no_text": no_text, "no_image": torch.zeros_like(cond)}
+    br = {"cond": cond, "no_last_text": no_text, "no_image": torch.zeros_like(cond)}
     # per token: [6, 8] scaled by 5/10, [0, 3] scaled by 1/3
     out = apply_guidance("bagel", br, t=1.0, text_scale=2.0, image_scale=1.0, renorm="channel")
     assert torch.allclose(out, _t([[3.0, 4.0], [0.0, 1.0]]))
@@ -74,7 +75,7 @@ def test_bagel_channel_renorm_by_hand():
 
 def test_bagel_text_channel_renorm_by_hand():
     cond = _t([[3.0, 4.0]])
-    br = {"cond": cond, "no_text": _t([[0.0, 0.0]]), "no_image": _t([[1.0, 0.0]])}
+    br = {"cond": cond, "no_last_text": _t([[0.0, 0.0]]), "no_image": _t([[1.0, 0.0]])}
     # text-guided [6, 8] -> renormed per token to [3, 4]; then image guidance (scale 2) against
     # [1, 0] gives [1, 0] + 2·([3, 4] − [1, 0]) = [5, 8], not renormed again
     out = apply_guidance("bagel", br, t=1.0, text_scale=2.0, image_scale=2.0, renorm="text_channel")
@@ -86,14 +87,14 @@ def test_bagel_text_channel_renorm_by_hand():
 
 def test_bagel_renorm_is_per_sample():
     cond = torch.tensor([[[3.0, 4.0]], [[30.0, 40.0]]], dtype=torch.float64)
-    br = {"cond": cond, "no_text": torch.zeros_like(cond), "no_image": torch.zeros_like(cond)}
+    br = {"cond": cond, "no_last_text": torch.zeros_like(cond), "no_image": torch.zeros_like(cond)}
     out = apply_guidance("bagel", br, t=1.0, text_scale=2.0, image_scale=1.0, renorm="global")
     assert torch.allclose(out, cond)
 
 
 def test_guidance_interval():
     cond = _t([[1.0, 1.0]])
-    br = {"cond": cond, "no_text": torch.zeros_like(cond), "no_image": torch.zeros_like(cond)}
+    br = {"cond": cond, "no_last_text": torch.zeros_like(cond), "no_image": torch.zeros_like(cond)}
     kw = dict(text_scale=3.0, image_scale=1.0, renorm="none")
     assert torch.equal(apply_guidance("bagel", br, t=0.3, **kw), cond)  # default [0.4, 1.0]
     assert torch.equal(apply_guidance("bagel", br, t=0.4, **kw), cond)  # lower end is open
@@ -112,7 +113,9 @@ def test_guidance_interval():
 def test_required_branches_cover_every_rule():
     assert required_branches("cfg") == ("cond", "uncond")
     assert required_branches("two_condition") == ("cond", "no_text", "uncond")
-    assert required_branches("bagel") == ("cond", "no_text", "no_image")
+    assert required_branches("bagel") == ("cond", "no_last_text", "no_image")
+    assert required_branches("duetgen") == ("cond", "no_last_text")
+    assert required_branches("illume") == required_branches("two_condition")
     for name, rule in RULES.items():
         x = torch.randn(2, 3, 4)
         out = apply_guidance(name, {b: x for b in rule.branches}, t=0.9)
@@ -136,7 +139,7 @@ def test_required_branches_cover_every_rule():
 )
 def test_invalid_parameters_are_refused(rule, kwargs, match):
     x = torch.zeros(1, 2, 3)
-    branches = {b: x for b in ("cond", "uncond", "no_text", "no_image")}
+    branches = {b: x for b in ("cond", "uncond", "no_text", "no_last_text", "no_image")}
     with pytest.raises(ValueError, match=match):
         apply_guidance(rule, branches, 0.5, **kwargs)
 
@@ -147,3 +150,12 @@ def test_missing_or_mismatched_branches_are_refused():
         apply_guidance("two_condition", {"cond": x, "uncond": x}, 0.5)
     with pytest.raises(ValueError, match="branch 'uncond' has shape"):
         apply_guidance("cfg", {"cond": x, "uncond": torch.zeros(1, 2, 4)}, 0.5)
+
+
+def test_duetgen_is_classic_cfg_against_the_negative_without_the_last_text_chunk():
+    g = torch.Generator().manual_seed(3)
+    cond, negative, uncond = (torch.randn(1, 5, 8, generator=g) for _ in range(3))
+    out = apply_guidance("duetgen", {"cond": cond, "no_last_text": negative, "uncond": uncond}, t=0.9, scale=3.0)
+    assert torch.allclose(out, negative + 3.0 * (cond - negative))  # uncond is not used
+    assert validate_scales("duetgen")["scale"] == 5.0
+    assert validate_scales("illume") == validate_scales("two_condition")

@@ -199,17 +199,17 @@ def test_guidance_branches_drop_the_right_conditions(tokenizer):
     doc = from_markup("A [img1] naps beside a [img2] on the table.", [img(), img()], id="b")
     doc.segments += [TextSegment("Then it jumps."), ImageSegment("target", width=32, height=32)]
     expect = {
-        ("cond", "all"): ["A <img:img1/> naps beside a <img:img2/> on the table.", "reference", "reference",
-                          "Then it jumps.", "target"],
-        ("no_text", "all"): ["<img:img1/><img:img2/>", "reference", "reference", "target"],
-        ("no_text", "last"): ["A <img:img1/> naps beside a <img:img2/> on the table.", "reference", "reference",
-                              "target"],
-        ("no_image", "all"): ["A naps beside a on the table.", "Then it jumps.", "target"],
-        ("uncond", "all"): ["target"],
+        "cond": ["A <img:img1/> naps beside a <img:img2/> on the table.", "reference", "reference",
+                 "Then it jumps.", "target"],
+        "no_text": ["<img:img1/><img:img2/>", "reference", "reference", "target"],
+        # the text since the previous image in reading order: the tail after [img2] and the next segment
+        "no_last_text": ["A <img:img1/> naps beside a <img:img2/>", "reference", "reference", "target"],
+        "no_image": ["A naps beside a on the table.", "Then it jumps.", "target"],
+        "uncond": ["target"],
     }
-    for (branch, scope), texts in expect.items():
-        got = branch_document(doc, branch, scope)
-        assert branch_texts(got) == texts, (branch, scope)
+    for branch, texts in expect.items():
+        got = branch_document(doc, branch)
+        assert branch_texts(got) == texts, branch
         assert got.validate() == []
         # Every branch still lays out, ending with the target's noise span.
         seq = layout_document(got, tokenizer, CONFIG)
@@ -220,6 +220,36 @@ def test_guidance_branches_drop_the_right_conditions(tokenizer):
             branch_document(doc, branch)
     with pytest.raises(ValueError, match="unknown guidance branch 'no_audio'"):
         branch_document(doc, "no_audio")
+
+
+def test_the_last_text_chunk_is_the_text_since_the_previous_image_whoever_wrote_it(tokenizer):
+    from tapestry.layout import branch_document
+
+    # given text with slots, a drawn image, text the model wrote (role target), the next target
+    doc = from_markup("A [img1] naps beside a [img2] and purrs.", [img(), img()], id="m")
+    doc.segments += [ImageSegment("target", image=img()), TextSegment("Then it", "target"),
+                     TextSegment(" jumps.", "target"), ImageSegment("target", width=32, height=32),
+                     TextSegment("The end.", "target")]
+    second = 6
+    last = branch_document(doc, "no_last_text", target=second)
+    # both pieces the model wrote since the first drawn image go; the prompt's text stays, the
+    # drawn image is now a condition, and what follows the target is cut
+    assert branch_texts(last) == ["A <img:img1/> naps beside a <img:img2/> and purrs.", "reference",
+                                  "reference", "context", "target"]
+    assert branch_texts(branch_document(doc, "no_text", target=second)) == [
+        "<img:img1/><img:img2/>", "reference", "reference", "context", "target"]
+    assert branch_texts(branch_document(doc, "no_image", target=second)) == [
+        "A naps beside a and purrs.", "Then it", " jumps.", "target"]
+    assert branch_texts(branch_document(doc, "uncond", target=second)) == ["target"]
+    # for the first target the last chunk is the prompt's tail after its last slot
+    assert branch_texts(branch_document(doc, "no_last_text")) == [
+        "A <img:img1/> naps beside a <img:img2/>", "reference", "reference", "target"]
+    for branch in ("cond", "no_text", "no_last_text", "no_image", "uncond"):
+        got = branch_document(doc, branch, target=second)
+        assert got.validate() == [] and got.segments[-1].role == "target"
+        layout_document(got, tokenizer, CONFIG)
+    with pytest.raises(ValueError, match="not a target image"):
+        branch_document(doc, "no_text", target=4)
 
 
 def test_supervise_text_off_removes_every_label(tokenizer):

@@ -1,91 +1,30 @@
-"""`Pipeline`: everything generation needs, in one folder a person can read.
-
-    DIR/pipeline.json          format, family, layout config, generation defaults
-    DIR/config.json            the model's config        DIR/model.safetensors   its weights
-    DIR/tokenizer.json         + tokenizer_specials.json
-    DIR/vae/                   the autoencoder (its own config.json + model.safetensors)
+"""`Pipeline`: a pipeline folder (tapestry.models.pipeline_folder) ready to generate.
 
 `Pipeline.from_pretrained("default")` loads the small checkpoint trained on ToyWorld that
-ships inside the package (tapestry/assets/default).
+ships inside the package (tapestry/assets/default); any folder `tapestry export` wrote loads the
+same way, whatever its model family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Iterator
 
-from tapestry.atomic import atomic_write_text
 from tapestry.document import Document, from_markup
 from tapestry.errors import TapestryError
 from tapestry.infer.engine import Engine, GenerationOptions
 from tapestry.infer.events import Event
-from tapestry.layout import LayoutConfig
-
-FORMAT = "tapestry.pipeline"
-PIPELINE_FILE = "pipeline.json"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
-
-
-class CheckpointNotFound(TapestryError):
-    pass
-
-
-def resolve_checkpoint(name: str | os.PathLike) -> Path:
-    if str(name) == "default":
-        if not (DEFAULT_DIR / PIPELINE_FILE).is_file():
-            raise CheckpointNotFound(
-                f"the embedded default checkpoint is missing from {DEFAULT_DIR}; reinstall tapestry "
-                "or pass --checkpoint DIR (a folder written by `tapestry export`)")
-        return DEFAULT_DIR
-    path = Path(name)
-    if not path.is_dir():
-        raise CheckpointNotFound(f"checkpoint {str(name)!r} not found: give 'default' or a folder "
-                                 f"holding {PIPELINE_FILE}")
-    if not (path / PIPELINE_FILE).is_file():
-        raise CheckpointNotFound(f"{path} has no {PIPELINE_FILE}: it is not an exported tapestry "
-                                 "pipeline (a training run folder is exported with `tapestry export`)")
-    return path
-
-
-def checkpoint_hash(folder: Path) -> str:
-    """sha256 over every weight and config file of the folder, in sorted order (short form)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json"}):
-        digest.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:16]
-
-
-def save_pipeline(folder: str | os.PathLike, model, tokenizer, vae, layout: LayoutConfig,
-                  defaults: GenerationOptions | None = None) -> Path:
-    """Write a pipeline folder (each file atomically)."""
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    tokenizer.save(folder)
-    vae.save_pretrained(folder / "vae")
-    record = {
-        "format": FORMAT,
-        "family": "mot",
-        "vae": type(vae).__name__,
-        "layout": dataclasses.asdict(layout),
-        "generation": dataclasses.asdict(defaults or GenerationOptions()),
-    }
-    atomic_write_text(folder / PIPELINE_FILE, json.dumps(record, indent=1))
-    return folder
-
-
-def _load_vae(folder: Path, kind: str):
-    if kind == "ToyAutoencoder":
-        from tapestry.models.vae.toy import ToyAutoencoder
-
-        return ToyAutoencoder.from_pretrained(folder)
-    raise TapestryError(f"{folder}: unknown autoencoder kind {kind!r} in {PIPELINE_FILE}")
+from tapestry.models.pipeline_folder import (  # noqa: F401  (re-exported for callers of infer.pipeline)
+    DEFAULT_DIR,
+    FORMAT,
+    PIPELINE_FILE,
+    CheckpointNotFound,
+    checkpoint_hash,
+    load_pipeline,
+    resolve_checkpoint,
+    save_pipeline,
+)
 
 
 class Pipeline:
@@ -99,28 +38,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike = "default", device: str = "cpu") -> "Pipeline":
-        from tapestry.models.common.tokenizer import TextTokenizer
-        from tapestry.models.mot.model import MoTModel
-
         folder = resolve_checkpoint(name)
+        parts = load_pipeline(folder, device=device)
+        generation = dict(parts.generation)
+        if generation.get("image_size") is not None:
+            generation["image_size"] = tuple(generation["image_size"])
         try:
-            record = json.loads((folder / PIPELINE_FILE).read_text())
-            if record.get("format") != FORMAT or record.get("family") != "mot":
-                raise TapestryError(f"{folder / PIPELINE_FILE}: not a tapestry mot pipeline "
-                                    f"(format {record.get('format')!r}, family {record.get('family')!r})")
-            layout_fields = dict(record["layout"])
-            layout_fields["target_size"] = tuple(layout_fields["target_size"])
-            layout = LayoutConfig(**layout_fields)
-            generation = dict(record.get("generation", {}))
-            if generation.get("image_size") is not None:
-                generation["image_size"] = tuple(generation["image_size"])
             defaults = GenerationOptions(**generation)
-        except (KeyError, TypeError, ValueError) as e:
-            raise TapestryError(f"{folder / PIPELINE_FILE}: invalid pipeline file: {e}") from None
-        model = MoTModel.from_pretrained(folder, device=device)
-        tokenizer = TextTokenizer.load(folder)
-        vae = _load_vae(folder / "vae", record.get("vae", ""))
-        engine = Engine(model, tokenizer, vae, layout)
+        except TypeError as e:
+            raise TapestryError(f"{folder / PIPELINE_FILE}: invalid generation defaults: {e}") from None
+        engine = Engine(parts.family.runtime(parts.model, parts.tokenizer, parts.codec, parts.layout))
         return cls(engine, defaults, str(name), checkpoint_hash(folder))
 
     def options(self, **overrides) -> GenerationOptions:

@@ -22,6 +22,8 @@ Config and weights
                                 the typed model config (has `to_json()`), sizes filled in from
                                 the tokenizer and the autoencoder
     load_config(folder) -> config
+                                typed configs have `to_dict()` / `to_json()` carrying
+                                `"family": name` (how a model's family is found again)
     build(config) -> nn.Module  fresh weights (seeded by the caller's torch RNG); may run under
                                 `torch.device("meta")`
     from_pretrained(folder, device) / model.save_pretrained(folder)
@@ -206,6 +208,11 @@ def family_name(config: dict[str, Any], where: str = "config") -> str:
     return name
 
 
+def family_of_config(config: Any) -> Family:
+    """The family of a typed model config (its `to_dict()` carries `family`)."""
+    return get(family_name(config.to_dict(), type(config).__name__))
+
+
 def family_of_folder(folder: str | Path) -> Family:
     """The family of a model folder, from its config.json."""
     path = Path(folder) / "config.json"
@@ -220,5 +227,6 @@ def family_of_folder(folder: str | Path) -> Family:
     return get(family_name(data, str(path)))
 
 
-__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "Runtime", "family_name", "family_of_folder",
+__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "Runtime", "family_name", "family_of_config",
+           "family_of_folder",
            "get", "names", "register", "unregister"]

@@ -2,69 +2,37 @@
 
     "pool:F"        F×F average pooling down, nearest upsampling back: a real, deterministic,
                     parameter-free autoencoder for tests and smoke runs (lossy: flat colours only)
-    a folder        a ToyAutoencoder written by `save_pretrained` (tapestry.models.vae.toy)
+    a folder/file   anything tapestry.models.vae.load_autoencoder reads: a ToyAutoencoder folder,
+                    a diffusers AutoencoderKL folder, a FLUX-layout ae.safetensors
 
-Both follow the protocol in tapestry.models.vae.protocol. The autoencoder is frozen during
+All follow the protocol in tapestry.models.vae.protocol. The autoencoder is frozen during
 training (no recipe here trains it with the flow model; Inset fine-tunes everything but the VAE).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from tapestry.models.vae import VAEError, load_autoencoder
+from tapestry.models.vae.pool import POOL_FILE, PoolCodec  # noqa: F401  (PoolCodec: re-exported)
 from tapestry.train.config import TrainConfigError
-
-POOL_FILE = "pool_codec.json"
-
-
-class PoolCodec:
-    def __init__(self, downsample: int):
-        if downsample < 1:
-            raise TrainConfigError(f"pool codec: downsample must be >= 1, got {downsample}")
-        self.downsample = downsample
-        self.latent_channels = 3
-
-    def encode(self, images: Tensor) -> Tensor:
-        # images: [B, 3, H, W] in [-1, 1] -> [B, 3, H/f, W/f]
-        return F.avg_pool2d(images, self.downsample)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        # latents: [B, 3, h, w] -> [B, 3, h·f, w·f]
-        return F.interpolate(latents, scale_factor=self.downsample, mode="nearest")
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        from tapestry.atomic import atomic_write_text
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / POOL_FILE, json.dumps({"kind": "pool", "downsample": self.downsample}) + "\n")
-        return folder
 
 
 def load_codec(spec: str, device: torch.device | str = "cpu"):
     """The autoencoder named by `model.vae` (see the module docstring), frozen and in eval mode."""
-    if spec.startswith("pool:"):
-        try:
-            return PoolCodec(int(spec.split(":", 1)[1]))
-        except ValueError:
-            raise TrainConfigError(f"model.vae = {spec!r}: expected pool:F with an integer F, e.g. pool:4") from None
-    path = Path(spec)
-    if (path / POOL_FILE).is_file():
-        return PoolCodec(int(json.loads((path / POOL_FILE).read_text())["downsample"]))
-    if not path.is_dir():
-        raise TrainConfigError(f"model.vae = {spec!r}: not a folder (a ToyAutoencoder save_pretrained folder) "
-                               "and not pool:F")
-    from tapestry.models.vae.toy import ToyAutoencoder
-
-    model = ToyAutoencoder.from_pretrained(path, device=device)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
+    if not spec.startswith("pool:") and not Path(spec).exists():
+        raise TrainConfigError(f"model.vae = {spec!r}: no such folder or file (an autoencoder folder, "
+                               "ae.safetensors, or pool:F)")
+    try:
+        codec = load_autoencoder(spec, device=device)
+    except VAEError as exc:
+        raise TrainConfigError(f"model.vae = {spec!r}: {exc}") from None
+    if isinstance(codec, torch.nn.Module):
+        codec.eval().requires_grad_(False)
+    return codec
 
 
 class BatchEncoded:

@@ -97,7 +97,7 @@ class DropoutConfig:
     keep: float = 0.8  # illume: P(keep both) ...
     drop_text: float = 0.1  # ... P(drop text only) ...
     drop_both: float = 0.1  # ... P(drop text and images); the three sum to 1
-    text_scope: str = "all"  # "all" text before the first target, or only the "last" chunk
+    text_scope: str = "all"  # dropped text: "all" of it, or the "last" chunk (since the previous image)
 
 
 @dataclass

@@ -13,7 +13,11 @@ branches, so a dropped sample looks exactly like the branch it trains.
     mmi     MM-Interleaved: text 10 %.
 
 Only documents with a target image are dropped: guidance steers image generation, and a sample
-without a target image has nothing to guide. A dropped sample carries no text loss (ILLUME-X: the
+without a target image has nothing to guide. A dropped document with several target images
+trains the branch of one of them, drawn uniformly: the sample is what precedes that image (text
+the document's targets wrote and earlier target images included, as at inference when the model
+has written them) with the branch's conditions dropped, then the image — so the second and later
+images of a document are trained under exactly the branches inference builds for them. A dropped sample carries no text loss (ILLUME-X: the
 text and special tokens of a sample with a missing condition are not predictable from it).
 
 Decisions are a pure function of (seed, document index), not of a running generator, so a
@@ -27,7 +31,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from tapestry.layout import IGNORE, LayoutConfig, SequenceLayout, Span, branch_document, layout_document
+from tapestry.layout import (
+    IGNORE,
+    LayoutConfig,
+    SequenceLayout,
+    Span,
+    branch_document,
+    layout_document,
+    target_images,
+)
 from tapestry.train.config import DropoutConfig
 
 _DROPOUT_STREAM = 0xD0  # keeps dropout draws apart from other per-document random streams
@@ -35,9 +47,10 @@ _DROPOUT_STREAM = 0xD0  # keeps dropout draws apart from other per-document rand
 
 @dataclass(frozen=True)
 class Decision:
-    branch: str = "cond"  # the guidance branch this sample trains (tapestry.layout.BRANCH_DROPS)
+    branch: str = "cond"  # the guidance branch this sample trains (models.common.guidance.BRANCHES)
     drop_vit: bool = False  # ViT tokens of given images removed (they keep their VAE tokens)
     drop_vae: bool = False  # VAE tokens of given images removed (they keep their ViT tokens)
+    target: int | None = None  # the target image segment a branch is built for (None: the first)
 
     @property
     def dropped(self) -> bool:
@@ -56,7 +69,19 @@ def decision_rng(seed: int, doc_index: int) -> np.random.Generator:
 
 
 def decide(policy: DropoutConfig, rng: np.random.Generator, doc) -> Decision:
-    """What this document loses under `policy`, drawn from `rng`."""
+    """What this document loses under `policy`, drawn from `rng`; a branch of a document with
+    several target images is built for one of them, drawn after the policy's own draws (so a
+    document with one target decides exactly as before that choice existed)."""
+    decision = _decide(policy, rng, doc)
+    if policy.text_scope == "last" and decision.branch == "no_text":
+        decision = replace(decision, branch="no_last_text")
+    targets = target_images(doc)
+    if decision.branch != "cond" and len(targets) > 1:
+        decision = replace(decision, target=targets[int(rng.integers(len(targets)))])
+    return decision
+
+
+def _decide(policy: DropoutConfig, rng: np.random.Generator, doc) -> Decision:
     if policy.policy == "none" or not has_target_image(doc):
         return KEEP
     if policy.policy == "bagel":
@@ -75,13 +100,14 @@ def decide(policy: DropoutConfig, rng: np.random.Generator, doc) -> Decision:
     raise ValueError(f"unknown dropout policy {policy.policy!r}")
 
 
-def apply_decision(decision: Decision, doc, tokenizer, layout: LayoutConfig, text_scope: str = "all"):
-    """(the Document as trained, its single-document SequenceLayout)."""
+def apply_decision(decision: Decision, doc, tokenizer, layout: LayoutConfig, layout_fn=layout_document):
+    """(the Document as trained, its single-document SequenceLayout by `layout_fn`, the
+    family's `layout`)."""
     if decision.branch != "cond":
-        doc = branch_document(doc, decision.branch, text_scope)
+        doc = branch_document(doc, decision.branch, decision.target)
     if decision.drop_vae:
         layout = replace(layout, references_as_vae=False, context_as_vae=False)
-    sequence = layout_document(doc, tokenizer, layout, supervise_text=not decision.dropped)
+    sequence = layout_fn(doc, tokenizer, layout, supervise_text=not decision.dropped)
     if decision.drop_vit:
         sequence = without_vit_tokens(sequence)
     return doc, sequence

@@ -23,7 +23,7 @@ from typing import Any
 
 from tapestry.document import Document
 from tapestry.errors import TapestryError
-from tapestry.layout import LayoutConfig, SequenceLayout, concat_layouts, packing_efficiency
+from tapestry.layout import LayoutConfig, SequenceLayout, concat_layouts, layout_document, packing_efficiency
 from tapestry.train.config import DropoutConfig
 from tapestry.train.data import DocumentStream, Drawn
 from tapestry.train.dropout import Decision, apply_decision, decide, decision_rng
@@ -65,15 +65,15 @@ class StepBatch:
 
 class Packer:
     def __init__(self, stream: DocumentStream, tokenizer, layout: LayoutConfig, dropout: DropoutConfig,
-                 seed: int, budget: int, rows: int, lookahead: int):
+                 seed: int, budget: int, rows: int, lookahead: int, layout_fn=layout_document):
         self.stream, self.tokenizer, self.layout, self.dropout = stream, tokenizer, layout, dropout
+        self.layout_fn = layout_fn  # the family's Document -> SequenceLayout
         self.seed, self.budget, self.rows, self.lookahead = seed, budget, rows, lookahead
         self.waiting: list[Item] = []
 
     def prepare(self, drawn: Drawn) -> Item:
         decision = decide(self.dropout, decision_rng(self.seed, drawn.index), drawn.document)
-        document, layout = apply_decision(decision, drawn.document, self.tokenizer, self.layout,
-                                          self.dropout.text_scope)
+        document, layout = apply_decision(decision, drawn.document, self.tokenizer, self.layout, self.layout_fn)
         if layout.length > self.budget:
             raise TapestryError(
                 f"document {drawn.document.id!r} (source {drawn.source!r}, position {drawn.position}) needs "

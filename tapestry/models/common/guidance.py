@@ -1,13 +1,20 @@
 """Guidance rules as plain functions over branch predictions (DESIGN §6).
 
 Every rule is a linear combination of velocity predictions made under different conditions.
-Branch names are shared by all rules so the engine can batch whatever a rule asks for:
+Branch names say what their context drops, and are shared by all rules so the engine can batch
+whatever a rule asks for (`BRANCHES`):
 
-    cond      the full context (text and images)
-    uncond    nothing (every condition dropped)
-    no_text   images kept, text dropped (ILLUME-X v(img); Inset v(∅_t, c_v); BAGEL: the context
-              without its last text chunk)
-    no_image  text kept, images dropped (BAGEL's image branch)
+    cond          the full context (text and images)
+    uncond        nothing (every text and every given image dropped)
+    no_text       images kept, all text dropped (ILLUME-X v(img); Inset v(∅_t, c_v))
+    no_last_text  images kept, the last text chunk dropped: the text since the previous image in
+                  reading order, whoever wrote it (BAGEL's text branch, DuetGen's negative)
+    no_image      text kept, images dropped (BAGEL's image branch)
+
+Rules (`RULES`): `none`; `cfg` (classic CFG against `uncond`: text and images dropped);
+`two_condition` (ILLUME-X, alias `illume`); `inset`; `bagel`; `duetgen` (classic CFG against
+`no_last_text`: every condition image kept). Everything rule-specific — aliases, default
+scales, the interval where guidance is on — lives here, not in the engine.
 
 Predictions are [B, ..., C] with channels last (packed latent tokens [B, N, C]); the BAGEL
 renormalizations take norms per sample ("global") or per token over C ("channel").
@@ -93,6 +100,24 @@ def bagel_guidance(
     return guided
 
 
+# branch -> (which text it drops: None | "all" | "last", whether it drops the given images)
+BRANCHES: dict[str, tuple[str | None, bool]] = {
+    "cond": (None, False),
+    "no_text": ("all", False),
+    "no_last_text": ("last", False),
+    "no_image": (None, True),
+    "uncond": ("all", True),
+}
+
+# names people type for a rule -> the rule
+ALIASES: dict[str, str] = {"illume": "two_condition"}
+
+
+def canonical_rule(name: str) -> str:
+    """The rule a name (or alias) stands for; unknown names pass through for `_rule` to refuse."""
+    return ALIASES.get(name, name)
+
+
 @dataclass(frozen=True)
 class GuidanceRule:
     """What a rule needs: its branches, its scales with defaults (from the papers)."""
@@ -107,7 +132,8 @@ RULES: dict[str, GuidanceRule] = {
     r.name: r
     for r in (
         GuidanceRule("none", ("cond",), {}, "no guidance"),
-        GuidanceRule("cfg", ("cond", "uncond"), {"scale": 3.5}, "classic CFG (MM-Interleaved 3.5, DuetGen)"),
+        GuidanceRule("cfg", ("cond", "uncond"), {"scale": 3.5},
+                     "classic CFG against the context without text and images (MM-Interleaved 3.5)"),
         GuidanceRule(
             "two_condition",
             ("cond", "no_text", "uncond"),
@@ -119,10 +145,14 @@ RULES: dict[str, GuidanceRule] = {
         ),
         GuidanceRule(
             "bagel",
-            ("cond", "no_text", "no_image"),
+            ("cond", "no_last_text", "no_image"),
             {"text_scale": 4.0, "image_scale": 1.5, "renorm": "global", "renorm_min": 0.0},
             "BAGEL text/image CFG with renormalization",
         ),
+        # DuetGen: "we keep the visual conditions fixed but remove the final text chunk"; the
+        # paper gives no scale, 5.0 here is a choice, not a reported number
+        GuidanceRule("duetgen", ("cond", "no_last_text"), {"scale": 5.0},
+                     "DuetGen CFG: negative keeps every condition image, drops the last text chunk"),
     )
 }
 
@@ -136,8 +166,9 @@ def required_branches(rule: str) -> tuple[str, ...]:
 
 
 def _rule(rule: str) -> GuidanceRule:
+    rule = canonical_rule(rule)
     if rule not in RULES:
-        raise ValueError(f"unknown guidance rule {rule!r}; choose one of {sorted(RULES)}")
+        raise ValueError(f"unknown guidance rule {rule!r}; choose one of {sorted(RULES) + sorted(ALIASES)}")
     return RULES[rule]
 
 
@@ -147,6 +178,7 @@ def validate_scales(rule: str, **scales) -> dict[str, object]:
     `interval` (lo, hi) is accepted by every rule; it defaults to always-on except for BAGEL.
     """
     spec = _rule(rule)
+    rule = spec.name
     allowed = set(spec.defaults) | {"interval"}
     unknown = sorted(set(scales) - allowed)
     if unknown:
@@ -186,6 +218,7 @@ def apply_guidance(
     Outside the guidance interval the conditional prediction is returned unchanged.
     """
     spec = _rule(rule)
+    rule = spec.name
     missing = [b for b in spec.branches if b not in branches]
     if missing:
         raise ValueError(
@@ -203,13 +236,15 @@ def apply_guidance(
         return v["cond"]
     if rule == "cfg":
         guided = classic_cfg(v["cond"], v["uncond"], p["scale"])
+    elif rule == "duetgen":
+        guided = classic_cfg(v["cond"], v["no_last_text"], p["scale"])
     elif rule == "two_condition":
         guided = two_condition(v["cond"], v["no_text"], v["uncond"], p["gamma_txt"], p["gamma_img"])
     elif rule == "inset":
         guided = inset_two_stage(v["cond"], v["no_text"], v["uncond"], p["s1"], p["s2"])
     else:  # bagel
         guided = bagel_guidance(
-            v["cond"], v["no_text"], v["no_image"], p["text_scale"], p["image_scale"],
+            v["cond"], v["no_last_text"], v["no_image"], p["text_scale"], p["image_scale"],
             p["renorm"], p["renorm_min"],
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 from tapestry.errors import TapestryError
 
 FORMAT = "tapestry.mot"
+FAMILY = "mot"  # the registry name (tapestry/models/family.py)
 FORMAT_VERSION = 1
 
 
@@ -127,13 +128,16 @@ class MoTConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "family": FAMILY, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> MoTConfig:
         data = dict(data)
         fmt = data.pop("format", FORMAT)
         version = data.pop("format_version", FORMAT_VERSION)
+        family = data.pop("family", FAMILY)
+        if family != FAMILY:
+            raise ConfigError(f"{where}: family is {family!r}; this is the {FAMILY!r} family's config reader")
         if fmt != FORMAT:
             raise ConfigError(f"{where}: format is {fmt!r}, expected {FORMAT!r}")
         if version != FORMAT_VERSION:

@@ -1,35 +1,42 @@
-"""The `mot` family's glue: packed layouts + pixels -> model inputs -> losses.
+"""The `mot` family's glue: the `Family` protocol (tapestry/models/family.py) for `MoTModel`.
 
 `layout_document` decides *where* tokens go; this file fills them: text ids through the
-embedding, images through the ViT (und tokens) or the VAE + latent projection (gen tokens,
-clean at t = 0 or noised for flow matching). Training and inference share `embed_row`, so a
-generated image enters the context exactly as a given one does.
+embedding, images through the ViT (und tokens) or the autoencoder + latent projection (gen
+tokens, clean at t = 0 or noised for flow matching). Training and inference share `embed_row`,
+so a generated image enters the context exactly as a given one does.
+
+    MOT = MoTFamily()     registered as "mot"; what train/, infer/ and eval/ call
+    MoTRuntime            the inference side: KV-cache contexts (context.py), batched branches
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from tapestry.layout import IGNORE, ImagePlacement, LayoutConfig, SequenceLayout, dense_mask
+from tapestry.layout import (
+    GEN,
+    IGNORE,
+    UND,
+    LayoutConfig,
+    SequenceLayout,
+    clean_token_kinds,
+    dense_mask,
+    layout_document,
+)
+from tapestry.models import family as families
 from tapestry.models.common.flow import interpolate, sample_timesteps, velocity_target
-from tapestry.models.mot.config import MoTConfig
-
-
-class LatentCodec(Protocol):
-    """What the generation path needs of an autoencoder (see tapestry.models.common.vae)."""
-
-    downsample: int
-    latent_channels: int
-
-    def encode(self, images: Tensor) -> Tensor: ...  # [B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f]
-
-    def decode(self, latents: Tensor) -> Tensor: ...
+from tapestry.models.common.patches import patchify, unpatchify
+from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
+from tapestry.models.mot.context import Block, Context, step_mask
+from tapestry.models.mot.model import KVCache, MoTModel, batched_step_mask
+from tapestry.models.vae.protocol import Autoencoder
 
 
 def layout_config_for(config: MoTConfig, vae_downsample: int, **choices) -> LayoutConfig:
@@ -66,7 +73,7 @@ def prepare_row(
     row: SequenceLayout,
     documents: Sequence,
     layout: LayoutConfig,
-    vae: LatentCodec | None,
+    vae: Autoencoder | None,
     generator: torch.Generator | None = None,
     timestep_shift: float = 1.0,
 ) -> RowInputs:
@@ -123,41 +130,289 @@ def embed_row(model, inputs: RowInputs) -> Tensor:
     return embeds
 
 
-@dataclass
-class LossParts:
-    loss: Tensor
-    text_loss: Tensor
-    flow_loss: Tensor
-    text_tokens: int
-    flow_elements: int
-
-
-def training_loss(model, batch: Sequence[RowInputs], flow_weight: float = 1.0) -> LossParts:
-    """CE on supervised next tokens + λ·MSE of velocities on noise spans, over a batch of rows
-    of one length. Means are over supervised tokens / latent elements of the whole batch, so a
-    row's weight does not depend on how it was packed."""
-    # embeds: [B, L, D]; masks: [B, L, L]
-    embeds = torch.stack([embed_row(model, inputs) for inputs in batch])
+def loss_sums(model, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
+    """The two loss parts of a batch of rows of one length, summed (not averaged): "text", CE
+    over supervised next tokens, and "flow", squared error of velocities over noise spans.
+    train/loss.py divides them by the global batch's counts (`loss_counts`)."""
+    device = model.device
     rows = [inputs.row for inputs in batch]
-    expert = torch.stack([r.expert for r in rows]).to(model.device)
-    positions = torch.stack([r.position_ids for r in rows]).to(model.device)
-    masks = torch.stack([dense_mask(r.spans) for r in rows]).to(model.device)
-    hidden = model(embeds, expert, positions, masks)
-    labels = torch.stack([r.labels for r in rows]).to(model.device)
+    # embeds: [B, L, D]; expert, positions: [B, L]; masks: [B, L, L]
+    embeds = torch.stack([embed_row(model, inputs) for inputs in batch])
+    expert = torch.stack([r.expert for r in rows]).to(device)
+    positions = torch.stack([r.position_ids for r in rows]).to(device)
+    masks = torch.stack([dense_mask(r.spans) for r in rows]).to(device)
+    hidden = model(embeds, expert, positions, masks)  # [B, L, D]
+
+    labels = torch.stack([r.labels for r in rows]).to(device)  # [B, L]
     supervised = labels != IGNORE
-    zero = hidden.sum() * 0.0  # keeps the graph connected when a batch has no text targets
+    zero = hidden.sum() * 0.0  # keeps the graph whole when a part has nothing to sum
+    text_sum = zero
     if supervised.any():
-        text_loss = F.cross_entropy(model.logits(hidden[supervised]).float(), labels[supervised])
-    else:
-        text_loss = zero
-    squared, elements = zero, 0
+        logits = model.logits(hidden[supervised]).float()  # [N_text, V]
+        text_sum = F.cross_entropy(logits, labels[supervised], reduction="sum")
+    flow_sum = zero
     for b, inputs in enumerate(batch):
         for n, target in inputs.velocity_targets.items():
-            placement: ImagePlacement = inputs.row.images[n]
-            rows_, cols = placement.grid
-            predicted = model.latent_velocity(hidden[b : b + 1, placement.start : placement.end], rows_, cols)[0]
-            squared = squared + (predicted.float() - target.to(predicted.device)).pow(2).sum()
-            elements += target.numel()
-    flow_loss = squared / elements if elements else zero
-    return LossParts(text_loss + flow_weight * flow_loss, text_loss.detach(), flow_loss.detach(),
-                     int(supervised.sum()), elements)
+            placement = inputs.row.images[n]
+            h, w = placement.grid
+            # predicted: [C, h·p, w·p] velocity of this image's latents
+            predicted = model.latent_velocity(hidden[b : b + 1, placement.start : placement.end], h, w)[0]
+            flow_sum = flow_sum + (predicted.float() - target.to(device)).pow(2).sum()
+    return {"text": text_sum, "flow": flow_sum}
+
+
+def loss_counts(rows: Sequence[SequenceLayout], config: MoTConfig) -> dict[str, int]:
+    """Denominators of `loss_sums` over rows: supervised tokens, latent elements of noise spans."""
+    latent = config.latent
+    channels, patch = (latent.channels, latent.patch_size) if latent else (0, 1)
+    text = sum(int((r.labels != IGNORE).sum()) for r in rows)
+    flow = sum(p.grid[0] * p.grid[1] * channels * patch**2 for r in rows for p in r.images if p.kind == "noise")
+    return {"text": text, "flow": flow}
+
+
+def codec_pixels(row: SequenceLayout, documents: Sequence, layout: LayoutConfig) -> list[Tensor]:
+    """The pixels `prepare_row` will encode with the autoencoder (same sizes, same resampling)."""
+    cell = layout.vae_downsample * layout.latent_patch
+    out = []
+    for placement in row.images:
+        if placement.kind in ("vae", "noise"):
+            image = documents[placement.doc].segments[placement.segment].image
+            if image is not None:
+                out.append(pixels_to_tensor(image, placement.grid[0] * cell, placement.grid[1] * cell))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter groups
+# ---------------------------------------------------------------------------------------------
+
+PARAM_GROUPS = ("embeddings", "und", "gen", "vit", "connector", "latent_io", "lm_head")
+_GROUP_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)embed_tokens\.", "embeddings"),
+    (r"(^|\.)layers\.\d+\.und\.|(^|\.)norm_und\.", "und"),
+    (r"(^|\.)layers\.\d+\.gen\.|(^|\.)norm_gen\.", "gen"),
+    (r"(^|\.)vit\.", "vit"),
+    (r"(^|\.)connector\.", "connector"),
+    (r"(^|\.)(latent_in|latent_out|time_embed)\.", "latent_io"),
+    (r"(^|\.)lm_head\.", "lm_head"),
+)
+
+
+def group_of(name: str) -> str:
+    """The parameter group of a MoTModel parameter name:
+
+        embeddings  embed_tokens (and a tied lm_head)
+        und         the understanding expert of every layer + its final norm
+        gen         the generation expert of every layer + its final norm
+        vit         the NaViT encoder
+        connector   ViT features -> decoder width
+        latent_io   latent_in, latent_out, time_embed (the generation path around the decoder)
+        lm_head     the language head
+    """
+    import re
+
+    for pattern, group in _GROUP_RULES:
+        if re.search(pattern, name):
+            return group
+    raise ValueError(f"parameter {name!r} belongs to no group; groups: {PARAM_GROUPS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------
+
+
+class MoTRuntime:
+    """The `Runtime` protocol for a MoTModel: one KV-cache `Context` per Document prefix.
+
+    Noisy latents are held as patches on their grid, [1, rows, cols, p·p·C] (channels last, what
+    guidance rules expect); the model's latent path patchifies [1, C, H, W], so `denoise`
+    unpatchifies on the way in — a permutation, exact both ways.
+    """
+
+    def __init__(self, model: MoTModel, tokenizer, codec: Autoencoder | None, layout: LayoutConfig):
+        self.model, self.tokenizer, self.codec, self.layout = model.eval(), tokenizer, codec, layout
+        self.target_size = tuple(layout.target_size)
+        self._batched: tuple | None = None  # (contexts and lengths it was built for, cache, mask, positions)
+
+    # -- blocks ------------------------------------------------------------------------------
+    def _text_block(self, ctx: Context, ids: list[int]) -> Block:
+        ids_tensor = torch.tensor(ids, dtype=torch.int64)
+        embeds = self.model.embed_text(ids_tensor[None].to(self.model.device))[0]
+        return Block(embeds, torch.full((len(ids),), UND), ctx.take_positions(len(ids)), "causal")
+
+    def _image_block(self, image: Image.Image, role: str, position: int) -> Block:
+        """The clean tokens of a finished image: exactly what layout_document puts there."""
+        height, width = image.height, image.width
+        parts, experts = [], []
+        for kind in clean_token_kinds(role, self.layout):
+            if kind == "vit":
+                rows, cols = self.layout.vit_grid(height, width)
+                pixels = pixels_to_tensor(image, rows * self.layout.vit_patch, cols * self.layout.vit_patch)
+                tokens = self.model.embed_images([pixels.to(self.model.device)])[0]
+                experts.append(torch.full((tokens.shape[0],), UND))
+            else:
+                rows, cols = self.layout.vae_grid(height, width)
+                cell = self.layout.vae_downsample * self.layout.latent_patch
+                pixels = pixels_to_tensor(image, rows * cell, cols * cell)
+                latents = self.codec.encode(pixels[None].to(self.model.device))
+                tokens = self.model.embed_latents(latents, torch.zeros(1, device=self.model.device))[0]
+                experts.append(torch.full((tokens.shape[0],), GEN))
+            parts.append(tokens)
+        embeds = torch.cat(parts)
+        return Block(embeds, torch.cat(experts), torch.full((embeds.shape[0],), position), "full")
+
+    # -- the protocol ------------------------------------------------------------------------
+    def prefill(self, doc, recompute: bool = False) -> Context:
+        ctx = Context(self.model, recompute=recompute)
+        if not doc.segments:
+            ctx.last_hidden = ctx.append(self._text_block(ctx, [self.tokenizer.bos_id]))
+            return ctx
+        row = layout_document(doc, self.tokenizer, self.layout)
+        inputs = prepare_row(row, [doc], self.layout, self.codec)
+        embeds = embed_row(self.model, inputs)
+        length = row.length - 1  # the prompt stays open: no EOS
+        blocks = []
+        for span in row.spans:
+            end = min(span.end, length)
+            if span.start < end:
+                blocks.append(Block(embeds[span.start:end], row.expert[span.start:end],
+                                    row.position_ids[span.start:end], span.mode))
+        ctx.next_position = int(row.position_ids[length])
+        ctx.last_hidden = ctx.prefill(blocks)
+        return ctx
+
+    def append_text(self, ctx: Context, ids: list[int]) -> None:
+        ctx.last_hidden = ctx.append(self._text_block(ctx, ids))
+
+    def begin_image(self, ctx: Context) -> None:
+        # every token of an image shares one position id: its noise steps and its clean copy
+        ctx.image_position = ctx.take_image_position()
+
+    def append_image(self, ctx: Context, image: Image.Image, role: str) -> None:
+        if ctx.image_position is None:  # a given image, whole
+            self.append_text(ctx, [self.tokenizer.boi_id])
+            ctx.append(self._image_block(image, role, ctx.take_image_position()))
+        else:  # the image just drawn, at the position its noise had
+            ctx.append(self._image_block(image, role, ctx.image_position))
+            ctx.image_position = None
+        self.append_text(ctx, [self.tokenizer.eoi_id])
+
+    def next_text(self, ctx: Context) -> Tensor:
+        return self.model.logits(ctx.last_hidden[-1]).float()
+
+    def noise(self, size: tuple[int, int], generator: torch.Generator) -> Tensor:
+        rows, cols = self.layout.vae_grid(*size)
+        patch = self.layout.latent_patch
+        x = torch.randn(1, self.codec.latent_channels, rows * patch, cols * patch, generator=generator)
+        return patchify(x.to(self.model.device), patch).unflatten(1, (rows, cols))  # [1, rows, cols, p·p·C]
+
+    def denoise(self, contexts: dict[str, Context], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]:
+        # x: [1, rows, cols, p·p·C] noisy latents -> {branch: velocity of the same shape}
+        _, rows, cols, _ = x.shape
+        n = rows * cols
+        latents = unpatchify(x.flatten(1, 2), self.layout.latent_patch, rows, cols)  # [1, C, H, W]
+        tokens = self.model.embed_latents(latents, t.reshape(1).to(x.device))  # [1, n, D]
+        names = list(contexts)
+        expert = torch.full((1, n), GEN)
+        if batched and len(names) > 1 and not any(c.recompute for c in contexts.values()):
+            cache, mask, positions = self._batch(contexts, n)
+            hidden = self.model(tokens.expand(len(names), -1, -1), expert.expand(len(names), -1),
+                                positions, mask, cache=cache)  # [B, n, D]
+            out = {name: self.model.latent_out(hidden[i : i + 1]) for i, name in enumerate(names)}
+        else:
+            out = {name: self.model.latent_out(
+                       ctx.probe(tokens[0], expert[0], torch.full((n,), ctx.image_position))[None])
+                   for name, ctx in contexts.items()}
+        return {name: v.unflatten(1, (rows, cols)) for name, v in out.items()}
+
+    def _batch(self, contexts: dict[str, Context], n: int):
+        """One padded cache for all branches, built once per image (reused by every step)."""
+        key = tuple((name, id(c), c.cache.length, c.image_position) for name, c in contexts.items()) + (n,)
+        if self._batched is None or self._batched[0] != key:
+            names = list(contexts)
+            cache, lengths = KVCache.batch([contexts[name].cache for name in names])
+            mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
+            positions = torch.stack([torch.full((n,), contexts[name].image_position) for name in names])
+            self._batched = (key, cache, mask, positions)
+        return self._batched[1:]
+
+    def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        # x: [1, rows, cols, p·p·C] -> pixels [1, 3, rows·cell, cols·cell]
+        _, rows, cols, _ = x.shape
+        return self.codec.decode(unpatchify(x.flatten(1, 2), self.layout.latent_patch, rows, cols))
+
+
+# ---------------------------------------------------------------------------------------------
+# The family
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoTRecipe:
+    """The [model] keys of a training config for `mot` (vocab and latent channels come from the
+    tokenizer and the autoencoder)."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    use_vit: bool = True  # false: no understanding encoder (given images enter as VAE tokens only)
+    use_latent: bool = True  # false: a text-only model (DuetGen stage 1 keeps its gen path frozen)
+
+
+class MoTFamily:
+    name = "mot"
+    recipe = MoTRecipe
+    param_groups = PARAM_GROUPS
+
+    # -- config and weights
+    def model_config(self, recipe: MoTRecipe, vocab_size: int, latent_channels: int) -> MoTConfig:
+        return MoTConfig(
+            llm=replace(recipe.llm, vocab_size=vocab_size),
+            vit=recipe.vit if recipe.use_vit else None,
+            latent=replace(recipe.latent, channels=latent_channels) if recipe.use_latent else None,
+        ).validate()
+
+    def load_config(self, folder: str | Path) -> MoTConfig:
+        return MoTConfig.load(Path(folder) / "config.json")
+
+    def build(self, config: MoTConfig) -> MoTModel:
+        return MoTModel(config)
+
+    def from_pretrained(self, folder: str | Path, device="cpu") -> MoTModel:
+        return MoTModel.from_pretrained(folder, device=device)
+
+    def from_state_dict(self, config: MoTConfig, state: dict[str, Tensor], source: str = "<state dict>") -> MoTModel:
+        return MoTModel.from_state_dict(config, state, source=source)
+
+    def layout_config(self, config: MoTConfig, downsample: int, **choices) -> LayoutConfig:
+        return layout_config_for(config, downsample, **choices)
+
+    # -- training
+    def layout(self, doc, tokenizer, layout: LayoutConfig, supervise_text: bool = True) -> SequenceLayout:
+        return layout_document(doc, tokenizer, layout, supervise_text=supervise_text)
+
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0) -> RowInputs:
+        return prepare_row(row, documents, layout, codec, generator, timestep_shift)
+
+    def codec_pixels(self, row, documents, layout) -> list[Tensor]:
+        return codec_pixels(row, documents, layout)
+
+    def loss_counts(self, rows, config: MoTConfig) -> dict[str, int]:
+        return loss_counts(rows, config)
+
+    def loss(self, model: MoTModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
+        return loss_sums(model, batch)
+
+    def group_of(self, name: str) -> str:
+        return group_of(name)
+
+    def blocks(self, model: MoTModel) -> list:
+        return list(model.layers)
+
+    # -- inference
+    def runtime(self, model: MoTModel, tokenizer, codec, layout: LayoutConfig) -> MoTRuntime:
+        return MoTRuntime(model, tokenizer, codec, layout)
+
+
+MOT = families.register(MoTFamily())

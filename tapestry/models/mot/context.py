@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tapestry.layout import Span, SpanMode, dense_mask
+from tapestry.masks import Span, SpanMode, dense_mask
 from tapestry.models.mot.model import KVCache
 
 
@@ -48,6 +48,8 @@ class Context:
     blocks: list[Block] = field(default_factory=list)
     cache: KVCache = field(default_factory=KVCache)
     next_position: int = 0
+    last_hidden: Tensor | None = None  # final states of the last appended block (next-token logits)
+    image_position: int | None = None  # the position of the image being drawn (MoTRuntime.begin_image)
 
     @property
     def length(self) -> int:

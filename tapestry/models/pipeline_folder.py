@@ -1,0 +1,130 @@
+"""The pipeline folder: everything generation needs, in one folder a person can read.
+
+    DIR/pipeline.json          format, family, autoencoder kind, layout config, generation defaults
+    DIR/config.json            the model's config (with its "family")   DIR/model.safetensors
+    DIR/tokenizer.json         + tokenizer_specials.json
+    DIR/vae/                   the autoencoder, in a folder tapestry.models.vae.load_autoencoder reads
+
+`tapestry export` (train/) writes it and `Pipeline` (infer/) reads it; the format lives here,
+below both, and goes through the family registry (tapestry/models/family.py) for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tapestry.atomic import atomic_write_text
+from tapestry.errors import TapestryError
+from tapestry.layout import LayoutConfig
+
+FORMAT = "tapestry.pipeline"
+PIPELINE_FILE = "pipeline.json"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+class CheckpointNotFound(TapestryError):
+    pass
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> Path:
+    if str(name) == "default":
+        if not (DEFAULT_DIR / PIPELINE_FILE).is_file():
+            raise CheckpointNotFound(
+                f"the embedded default checkpoint is missing from {DEFAULT_DIR}; reinstall tapestry "
+                "or pass --checkpoint DIR (a folder written by `tapestry export`)")
+        return DEFAULT_DIR
+    path = Path(name)
+    if not path.is_dir():
+        raise CheckpointNotFound(f"checkpoint {str(name)!r} not found: give 'default' or a folder "
+                                 f"holding {PIPELINE_FILE}")
+    if not (path / PIPELINE_FILE).is_file():
+        raise CheckpointNotFound(f"{path} has no {PIPELINE_FILE}: it is not an exported tapestry "
+                                 "pipeline (a training run folder is exported with `tapestry export`)")
+    return path
+
+
+def checkpoint_hash(folder: Path) -> str:
+    """sha256 over every weight and config file of the folder, in sorted order (short form)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json"}):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def save_pipeline(folder: str | os.PathLike, model, tokenizer, vae, layout: LayoutConfig, defaults: Any = None) -> Path:
+    """Write a pipeline folder (each file atomically). `defaults`: generation defaults, a
+    dataclass (GenerationOptions) or a dict of its fields; omitted fields take the engine's."""
+    from tapestry.models import family as families
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    family = families.family_of_folder(folder)  # what config.json says, as loading will read it
+    tokenizer.save(folder)
+    vae.save_pretrained(folder / "vae")
+    generation = dataclasses.asdict(defaults) if dataclasses.is_dataclass(defaults) else dict(defaults or {})
+    record = {
+        "format": FORMAT,
+        "family": family.name,
+        "vae": type(vae).__name__,
+        "layout": dataclasses.asdict(layout),
+        "generation": generation,
+    }
+    atomic_write_text(folder / PIPELINE_FILE, json.dumps(record, indent=1))
+    return folder
+
+
+@dataclass
+class PipelineParts:
+    family: Any  # tapestry.models.family.Family
+    model: Any
+    tokenizer: Any
+    codec: Any
+    layout: LayoutConfig
+    generation: dict[str, Any]  # the generation defaults as stored
+    folder: Path
+
+
+def load_pipeline(folder: str | os.PathLike, device: str = "cpu") -> PipelineParts:
+    """Read a pipeline folder for inference: weights frozen (`requires_grad_(False)`), eval mode."""
+    from tapestry.models import family as families
+    from tapestry.models.common.tokenizer import TextTokenizer
+    from tapestry.models.vae import VAEError, load_autoencoder
+
+    folder = Path(folder)
+    where = folder / PIPELINE_FILE
+    try:
+        record = json.loads(where.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TapestryError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise TapestryError(f"{where}: not a tapestry pipeline (format "
+                            f"{record.get('format') if isinstance(record, dict) else None!r})")
+    try:
+        family = families.get(families.family_name(record, str(where)))
+        layout_fields = dict(record["layout"])
+        layout_fields["target_size"] = tuple(layout_fields["target_size"])
+        layout = LayoutConfig(**layout_fields)
+        generation = dict(record.get("generation", {}))
+    except families.FamilyError as e:
+        raise TapestryError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise TapestryError(f"{where}: invalid pipeline file: {e}") from None
+    model = family.from_pretrained(folder, device=device)
+    model.eval().requires_grad_(False)
+    tokenizer = TextTokenizer.load(folder)
+    try:
+        codec = load_autoencoder(folder / "vae", device=device)
+    except VAEError as e:
+        raise TapestryError(f"{folder / 'vae'}: {e}") from None
+    if hasattr(codec, "requires_grad_"):
+        codec.eval().requires_grad_(False)
+    return PipelineParts(family, model, tokenizer, codec, layout, generation, folder)
