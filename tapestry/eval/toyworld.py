@@ -94,7 +94,7 @@ def benchmark_documents(config: ToyWorldEvalConfig) -> list[Document]:
 def prompt_of(expected: Document) -> Document:
     """What the model is given: the training-time evaluation's rule (targets emptied; how-to
     keeps only its goal, N-to-M), so training curves and this benchmark read alike."""
-    from tapestry.train.evaluate import judge_prompt
+    from tapestry.toyworld.evaluate import judge_prompt
 
     return judge_prompt(expected)
 

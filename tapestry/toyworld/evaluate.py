@@ -194,3 +194,24 @@ def summarize(results: Iterable[dict[str, Any]], seed: int = 0) -> dict[str, Any
         by_layout.setdefault(f"{r['task']}/{r.get('layout')}", []).append(r)
     return {"overall": block(results), "tasks": {k: block(v) for k, v in sorted(by_task.items())},
             "layouts": {k: block(v) for k, v in sorted(by_layout.items())}}
+
+
+def judge_prompt(doc: Document) -> Document:
+    """What a model is given for a ToyWorld document it is judged on: howto states only its goal
+    (the model decides how many images, N-to-M); in the other tasks the text is given and the
+    target images (and an understand answer) are generated in place."""
+    task = doc.meta.get("toyworld", {}).get("task")
+    prompt = doc.copy()
+    first_target = next((i for i, s in enumerate(prompt.segments) if getattr(s, "role", None) == "target"),
+                        len(prompt.segments))
+    if task == "howto":
+        prompt.segments = prompt.segments[:first_target]
+        return prompt
+    if task != "understand":
+        for segment in prompt.segments:
+            if isinstance(segment, TextSegment) and segment.role == "target":
+                segment.role = "context"
+    for segment in prompt.segments:
+        if getattr(segment, "role", None) == "target" and not isinstance(segment, TextSegment):
+            segment.image, segment.encoded, segment.src = None, None, None
+    return prompt

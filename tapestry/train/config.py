@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
-from tapestry.models.mot.config import LatentConfig, LLMConfig, ViTConfig
+from tapestry.models import family as families
 
 
 class TrainConfigError(TapestryError):
@@ -34,19 +34,26 @@ class TrainConfigError(TapestryError):
 
 @dataclass
 class ModelConfig:
-    llm: LLMConfig = field(default_factory=LLMConfig)  # vocab_size is taken from the tokenizer
-    vit: ViTConfig = field(default_factory=ViTConfig)
-    latent: LatentConfig = field(default_factory=LatentConfig)  # channels are taken from the VAE
-    use_vit: bool = True  # false: no understanding encoder (given images enter as VAE tokens only)
-    use_latent: bool = True  # false: a text-only model (DuetGen stage 1 keeps its gen path frozen)
+    """[model]: the shared keys below, plus the keys of the family's recipe (`arch`), which sit
+    in the same table (for `mot`: llm, vit, latent, use_vit, use_latent, init_vit; see the family's
+    `recipe` in tapestry/models/<family>/family.py)."""
+
+    family: str = families.DEFAULT_FAMILY  # the model family (tapestry.models.family registry)
     init_from: str = ""  # a save_pretrained folder to fine-tune from (Inset: start from a base)
-    init_vit: str = ""  # an encoder folder from `tapestry vit pretrain` (the role SigLIP plays)
     tokenizer: str = ""  # a tokenizer folder; "" trains a byte-level BPE on the data at start
     vocab_size: int = 1024  # size of that BPE
     tokenizer_docs: int = 2000  # documents of the mixture whose text trains it
     tokenizer_english_chars: int = 200_000  # plus this much English prose, so user prompts do not
     #                                         shatter into bytes (tapestry's general_english)
-    vae: str = "pool:4"  # a ToyAutoencoder folder, or "pool:F" (F×F average pooling; tests only)
+    vae: str = "pool:4"  # an autoencoder folder or ae.safetensors, or "pool:F" (F×F average pooling; tests only)
+    arch: Any = None  # the family's recipe dataclass; None: its defaults
+
+    def __post_init__(self) -> None:
+        if self.arch is None:
+            self.arch = families.get(self.family).recipe()
+
+
+SHARED_MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch")
 
 
 @dataclass
@@ -122,9 +129,6 @@ class EMAConfig:
     start: int = 0  # steps before EMA starts tracking (it copies the weights at that step)
 
 
-PARAM_GROUPS = ("embeddings", "und", "gen", "vit", "connector", "latent_io", "lm_head")
-
-
 @dataclass
 class StageConfig:
     """A stretch of training with its own freeze set, learning rates and loss weights."""
@@ -134,10 +138,11 @@ class StageConfig:
     lr: float = 0.0  # 0: optim.lr
     warmup: int = -1  # -1: schedule.warmup
     decay: str = ""  # "": schedule.decay
-    freeze: list[str] = field(default_factory=list)  # names from PARAM_GROUPS
+    freeze: list[str] = field(default_factory=list)  # names of the family's parameter groups
     lr_scale: dict[str, float] = field(default_factory=dict)  # group -> multiplier of the stage lr
-    text_weight: float = 1.0
-    flow_weight: float = 1.0  # λ of the flow-matching MSE
+    text_weight: float = 1.0  # weight of the family's "text" loss part
+    flow_weight: float = 1.0  # λ of its "flow" part (the flow-matching MSE)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # any other part -> weight (default 1)
     mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight override
 
 
@@ -245,16 +250,17 @@ class TrainConfig:
         need(self.schedule.decay in ("cosine", "constant"), "schedule.decay", "must be cosine or constant")
         need(0 <= self.ema.decay < 1, "ema.decay", f"must be in [0, 1), got {self.ema.decay}")
 
+        groups = families.get(self.model.family).param_groups
         need(bool(self.stages), "stages", "add at least one [[stages]] table")
         for i, s in enumerate(self.stages):
             key = f"stages.{i}"
             need(s.steps >= 1, f"{key}.steps", f"must be >= 1, got {s.steps}")
             need(s.decay in ("", "cosine", "constant"), f"{key}.decay", "must be cosine, constant or empty")
             for group in list(s.freeze) + list(s.lr_scale):
-                need(group in PARAM_GROUPS, f"{key}", f"unknown parameter group {group!r}; groups: {PARAM_GROUPS}")
+                need(group in groups, f"{key}", f"unknown parameter group {group!r}; groups: {groups}")
             for source in s.mixture:
                 need(source in names, f"{key}.mixture", f"unknown source {source!r}; sources: {names}")
-            need(len(s.freeze) < len(PARAM_GROUPS), f"{key}.freeze", "freezes every group; nothing would train")
+            need(len(set(s.freeze)) < len(groups), f"{key}.freeze", "freezes every group; nothing would train")
 
         par = self.parallel
         need(par.mode in ("auto", "none", "ddp", "fsdp"), "parallel.mode", "auto, none, ddp or fsdp")
@@ -308,10 +314,33 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise TrainConfigError(f"{key}: unsupported field type {tp}")
 
 
+def _model_from_dict(data: dict[str, Any], where: str) -> ModelConfig:
+    """[model]: the shared keys, and the rest as the named family's recipe."""
+    name = data.get("family", families.DEFAULT_FAMILY)
+    if not isinstance(name, str):
+        raise TrainConfigError(f"{where}.family: expected a string, got {name!r}")
+    try:
+        family = families.get(name)
+    except families.FamilyError as exc:
+        raise TrainConfigError(f"{where}.family: {exc}") from None
+    shared = {k: v for k, v in data.items() if k in SHARED_MODEL_KEYS}
+    rest = {k: v for k, v in data.items() if k not in SHARED_MODEL_KEYS}
+    own = {f.name for f in dataclasses.fields(family.recipe)}
+    unknown = sorted(set(rest) - own)
+    if unknown:
+        raise TrainConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(set(SHARED_MODEL_KEYS) | own)} "
+                               f"(family {name!r})")
+    hints = typing.get_type_hints(ModelConfig)
+    values = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in shared.items()}
+    return ModelConfig(**values, arch=from_dict(family.recipe, rest, where))
+
+
 def from_dict(cls, data: Any, where: str = "config"):
     """Build dataclass `cls` from a TOML-like dict; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
         raise TrainConfigError(f"{where}: expected a table, got {data!r}")
+    if cls is ModelConfig:
+        return _model_from_dict(data, where)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -451,11 +480,10 @@ def dump_toml(config: TrainConfig) -> str:
 
     def scalars_of(obj) -> list[str]:
         out = []
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
+        for key, value in _items(obj):
             if dataclasses.is_dataclass(value) or _is_section_list(value):
                 continue
-            out.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
+            out.append(f"{_toml_key(key)} = {_toml_value(value)}")
         return out
 
     def emit(prefix: str, obj) -> None:
@@ -465,9 +493,8 @@ def dump_toml(config: TrainConfig) -> str:
                 lines.append(f"[{prefix}]")
             lines.extend(own)
             lines.append("")
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            name = f"{prefix}.{f.name}" if prefix else f.name
+        for key, value in _items(obj):
+            name = f"{prefix}.{key}" if prefix else key
             if dataclasses.is_dataclass(value):
                 emit(name, value)
             elif _is_section_list(value):
@@ -478,6 +505,14 @@ def dump_toml(config: TrainConfig) -> str:
 
     emit("", config)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _items(obj) -> list[tuple[str, Any]]:
+    """A section's fields in order; [model] holds its family recipe's fields in the same table."""
+    if isinstance(obj, ModelConfig):
+        shared = [(name, getattr(obj, name)) for name in SHARED_MODEL_KEYS]
+        return [(f.name, getattr(obj.arch, f.name)) for f in dataclasses.fields(obj.arch)] + shared
+    return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
 
 
 def _is_section_list(value: Any) -> bool:

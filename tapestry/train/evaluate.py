@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tapestry.document import Document, TextSegment
+from tapestry.document import Document
 from tapestry.layout import pack_layouts
-from tapestry.models.mot.family import prepare_row
+from tapestry.models import family as families
 from tapestry.train.config import TrainConfig
 from tapestry.train.data import ToyWorldSource
 from tapestry.train.dropout import KEEP, apply_decision
-from tapestry.train.loss import batch_totals
 from tapestry.train.parallel import Dist, all_reduce_sum, barrier, unwrap
 
 
@@ -44,12 +43,13 @@ class Validation:
 
     def __init__(self, config: TrainConfig, tokenizer, layout, codec, model_config, d: Dist):
         self.d = d
+        family = families.get(config.model.family)
         docs = val_documents(config, config.eval.docs)
         self.inputs = []
         self.totals = None
         if not docs:
             return
-        layouts = [apply_decision(KEEP, doc, tokenizer, layout)[1] for doc in docs]
+        layouts = [apply_decision(KEEP, doc, tokenizer, layout, family.layout)[1] for doc in docs]
         budget = max(config.data.budget, max(x.length for x in layouts))
         rows = pack_layouts(layouts, budget, tokenizer.pad_id)
         by_id = {doc.id: doc for doc in docs}
@@ -57,14 +57,13 @@ class Validation:
             from tapestry.layout import concat_layouts
 
             rows.append(concat_layouts([], tokenizer.pad_id, budget))
-        latent = model_config.latent
-        self.totals = batch_totals(rows, latent.channels if latent else 0, latent.patch_size if latent else 1)
+        self.totals = family.loss_counts(rows, model_config)
         per_rank = len(rows) // d.world_size
         for r in range(d.rank * per_rank, (d.rank + 1) * per_rank):
             row = rows[r]
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1, r]).generate_state(1)[0]))
-            self.inputs.append(prepare_row(row, [by_id[p.id] for p in row.documents], layout, codec, generator,
-                                           config.data.timestep_shift))
+            self.inputs.append(family.prepare(row, [by_id[p.id] for p in row.documents], layout, codec, generator,
+                                              config.data.timestep_shift))
 
     @property
     def enabled(self) -> bool:
@@ -72,41 +71,22 @@ class Validation:
 
     @torch.no_grad()
     def loss(self, module) -> dict[str, float]:
-        _, sums = module(self.inputs, self.totals, 1.0, 1.0, self.d.world_size)
-        text_sum, flow_sum = all_reduce_sum(self.d, sums).tolist()
-        text = text_sum / self.totals.text_tokens if self.totals.text_tokens else 0.0
-        flow = flow_sum / self.totals.flow_elements if self.totals.flow_elements else 0.0
-        return {"val_loss": text + flow, "val_text_loss": text, "val_flow_loss": flow}
+        weights = {name: 1.0 for name in self.totals}
+        _, sums = module(self.inputs, self.totals, weights, self.d.world_size)
+        summed = dict(zip(self.totals, all_reduce_sum(self.d, sums).tolist()))
+        parts = {name: summed[name] / count if count else 0.0 for name, count in self.totals.items()}
+        total = 0.0
+        for value in parts.values():
+            total = total + value
+        return {"val_loss": total, **{f"val_{name}_loss": value for name, value in parts.items()}}
 
 
-def judge_prompt(doc: Document) -> Document:
-    """What the model is given for a val document: howto states only its goal (the model decides
-    how many images, N-to-M); in the other tasks the text is given and the target images (and an
-    understand answer) are generated in place."""
-    task = doc.meta.get("toyworld", {}).get("task")
-    prompt = doc.copy()
-    first_target = next((i for i, s in enumerate(prompt.segments) if getattr(s, "role", None) == "target"),
-                        len(prompt.segments))
-    if task == "howto":
-        prompt.segments = prompt.segments[:first_target]
-        return prompt
-    if task != "understand":
-        for segment in prompt.segments:
-            if isinstance(segment, TextSegment) and segment.role == "target":
-                segment.role = "context"
-    for segment in prompt.segments:
-        if getattr(segment, "role", None) == "target" and not isinstance(segment, TextSegment):
-            segment.image, segment.encoded, segment.src = None, None, None
-    return prompt
-
-
-def ema_model(built, model_config, d: Dist):
-    """A plain MoTModel holding the EMA weights, on the main process (None elsewhere).
+def ema_model(built, family, model_config, d: Dist):
+    """A plain model of the family holding the EMA weights, frozen, on the main process (None
+    elsewhere).
 
     Under FSDP2 every process takes part in gathering the shards (a full copy on the main
     process only: tiny models, opt-in through eval.judge_every)."""
-    from tapestry.models.mot.model import MoTModel
-
     if built.ema is None:
         shadow = {n: p.detach() for n, p in unwrap(built.module).named_parameters()}
     else:
@@ -119,9 +99,10 @@ def ema_model(built, model_config, d: Dist):
     from tapestry.models.common.checkpoint import expected_shapes
 
     with torch.device("meta"):
-        skeleton = MoTModel(model_config)
+        skeleton = family.build(model_config)
     keys = set(expected_shapes(skeleton))
-    return MoTModel.from_state_dict(model_config, {k: v for k, v in state.items() if k in keys})
+    model = family.from_state_dict(model_config, {k: v for k, v in state.items() if k in keys})
+    return model.eval().requires_grad_(False)
 
 
 def judged_samples(built, trainer, docs: list[Document], steps: int) -> dict[str, Any] | None:
@@ -129,14 +110,14 @@ def judged_samples(built, trainer, docs: list[Document], steps: int) -> dict[str
     or when the inference engine is not available."""
     try:
         from tapestry.infer.engine import Engine, GenerationOptions
-        from tapestry.toyworld.evaluate import judge_document, summarize
+        from tapestry.toyworld.evaluate import judge_document, judge_prompt, summarize
     except ImportError:
         return None
     d = trainer.d
-    model = ema_model(built, trainer.model_config, d)
+    model = ema_model(built, trainer.family, trainer.model_config, d)
     result = None
     if d.is_main:
-        engine = Engine(model, trainer.tokenizer, trainer.codec, trainer.layout)
+        engine = Engine(trainer.family.runtime(model, trainer.tokenizer, trainer.codec, trainer.layout))
         options = GenerationOptions(seed=0, steps=steps, shift=trainer.config.data.timestep_shift,
                                     max_new_tokens=64, max_images=6)
         scores = [judge_document(doc, engine.generate(judge_prompt(doc), options)) for doc in docs]

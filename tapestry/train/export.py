@@ -1,8 +1,8 @@
 """From a training run to an inference checkpoint.
 
-    OUT/                                 a pipeline folder (tapestry.infer.pipeline)
-        pipeline.json                    format, layout config, generation defaults
-        config.json, model.safetensors   MoTModel.from_pretrained(OUT) loads these
+    OUT/                                 a pipeline folder (tapestry.models.pipeline_folder)
+        pipeline.json                    format, family, layout config, generation defaults
+        config.json, model.safetensors   the family's from_pretrained(OUT) loads these
         tokenizer.json, tokenizer_specials.json
         vae/                             the autoencoder (its own from_pretrained folder)
         train_config.toml                the run's config, for the record
@@ -49,11 +49,9 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     import torch.distributed.checkpoint as dcp
 
     from tapestry.atomic import atomic_dir
-    from tapestry.infer.engine import GenerationOptions
-    from tapestry.infer.pipeline import save_pipeline
     from tapestry.models.common.checkpoint import expected_shapes
-    from tapestry.models.mot.model import MoTModel
-    from tapestry.train.loop import TOKENIZER_DIR, layout_for, load_tokenizer, model_config_for
+    from tapestry.models.pipeline_folder import save_pipeline
+    from tapestry.train.loop import TOKENIZER_DIR, family_of, layout_for, load_tokenizer, model_config_for
     from tapestry.train.parallel import Dist
 
     run_dir, out = Path(run_dir), Path(out)
@@ -64,9 +62,10 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     if tokenizer is None:
         raise ckpt.CheckpointError(f"{run_dir}: no tokenizer folder ({TOKENIZER_DIR}/) next to the checkpoints")
     codec = load_codec(config.model.vae)
+    family = family_of(config)
     model_config = model_config_for(config, tokenizer, codec)
     with torch.device("meta"):
-        model = MoTModel(model_config)
+        model = family.build(model_config)
     # each tied tensor once, under its first name (what save_pretrained writes)
     keys = set(expected_shapes(model))
     shapes = {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items() if k in keys}
@@ -85,13 +84,13 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     loaded = {k[len("model."):]: v for k, v in state[part].items()}
     dtype = next(iter(shapes.values())).dtype
     full = {k: v.to(dtype) for k, v in loaded.items()}
-    exported = MoTModel.from_state_dict(model_config, full, source=str(path))
-    defaults = GenerationOptions(shift=config.data.timestep_shift)
+    exported = family.from_state_dict(model_config, full, source=str(path))
+    defaults = {"shift": config.data.timestep_shift}  # the engine's defaults for the rest
     with atomic_dir(out) as tmp:
         save_pipeline(tmp, exported, tokenizer, codec, layout_for(config, model_config, codec), defaults)
         (tmp / "train_config.toml").write_text((path / "config.toml").read_text(encoding="utf-8"), encoding="utf-8")
         info = {"run": str(run_dir), "checkpoint": path.name, "step": trainer["step"], "weights": part,
-                "parameters": exported.num_parameters()}
+                "parameters": sum(p.numel() for p in exported.parameters())}
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return {**info, "out": str(out)}
 

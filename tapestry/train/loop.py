@@ -4,7 +4,8 @@
 
 A step: pack the global batch (every process packs the same rows), take this process's rows,
 attach pixels and noised latents (seeded per step and row), forward + backward through the
-LossModule, clip, AdamW, EMA. At each stage start the model, its wrappers and the optimizer are
+LossModule, clip, AdamW, EMA. The model is whatever family `model.family` names: the loop calls
+only the family protocol (tapestry/models/family.py). At each stage start the model, its wrappers and the optimizer are
 built afresh with that stage's freeze set and loaded from the checkpoint written at the end of
 the previous stage — the same thing a resumed run does, which is why a stage change needs no
 special case in DDP or FSDP2 and why resume matches an uninterrupted run bit for bit on CPU.
@@ -23,15 +24,12 @@ import torch
 
 from tapestry.errors import TapestryError
 from tapestry.layout import LayoutConfig
-from tapestry.models.mot.config import MoTConfig
-from tapestry.models.mot.encoder import load_pretrained_vit
-from tapestry.models.mot.family import layout_config_for, prepare_row
-from tapestry.models.mot.model import MoTModel
+from tapestry.models import family as families
 from tapestry.train import checkpoint as ckpt
 from tapestry.train.codecs import BatchEncoded, load_codec
 from tapestry.train.config import TrainConfig, TrainConfigError, config_from_data, dump_toml
 from tapestry.train.data import DocumentStream, build_source
-from tapestry.train.loss import LossModule, batch_totals
+from tapestry.train.loss import LossModule, part_weights
 from tapestry.train.metrics import MetricsLog, Progress
 from tapestry.train.optim import EMA, apply_freeze, build_optimizer, set_lr, stage_lr
 from tapestry.train.packing import Packer
@@ -92,19 +90,9 @@ def row_seed(seed: int, step: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, 0xF10, step, row]).generate_state(1)[0])
 
 
-def vae_pixels(rows, documents, layout: LayoutConfig) -> list[torch.Tensor]:
-    """The pixels `prepare_row` will VAE-encode for these rows (same sizes, same resampling)."""
-    from tapestry.models.mot.family import pixels_to_tensor
-
-    cell = layout.vae_downsample * layout.latent_patch
-    out = []
-    for row, docs in zip(rows, documents):
-        for placement in row.images:
-            if placement.kind in ("vae", "noise"):
-                image = docs[placement.doc].segments[placement.segment].image
-                if image is not None:
-                    out.append(pixels_to_tensor(image, placement.grid[0] * cell, placement.grid[1] * cell))
-    return out
+def codec_pixels(family, rows, documents, layout: LayoutConfig) -> list[torch.Tensor]:
+    """The pixels the family's `prepare` will encode for these rows (to encode them in batches)."""
+    return [pixels for row, docs in zip(rows, documents) for pixels in family.codec_pixels(row, docs, layout)]
 
 
 def make_stream(config: TrainConfig) -> DocumentStream:
@@ -147,20 +135,20 @@ def load_tokenizer(config: TrainConfig, run_dir: Path, d: Dist):
     return TextTokenizer.load(folder)
 
 
-def model_config_for(config: TrainConfig, tokenizer, codec) -> MoTConfig:
+def family_of(config: TrainConfig):
+    return families.get(config.model.family)
+
+
+def model_config_for(config: TrainConfig, tokenizer, codec):
+    family = family_of(config)
     if config.model.init_from:
-        return MoTConfig.load(Path(config.model.init_from) / "config.json")
-    m = config.model
-    return MoTConfig(
-        llm=replace(m.llm, vocab_size=tokenizer.vocab_size),
-        vit=m.vit if m.use_vit else None,
-        latent=replace(m.latent, channels=codec.latent_channels) if m.use_latent else None,
-    ).validate()
+        return family.load_config(config.model.init_from)
+    return family.model_config(config.model.arch, tokenizer.vocab_size, codec.latent_channels)
 
 
-def layout_for(config: TrainConfig, model_config: MoTConfig, codec) -> LayoutConfig:
+def layout_for(config: TrainConfig, model_config, codec) -> LayoutConfig:
     choices = config.layout
-    return layout_config_for(
+    return family_of(config).layout_config(
         model_config, codec.downsample, references_as_vae=choices.references_as_vae,
         context_as_vae=choices.context_as_vae, clean_copy=choices.clean_copy, text_loss=choices.text_loss,
         target_size=tuple(choices.target_size))
@@ -169,7 +157,7 @@ def layout_for(config: TrainConfig, model_config: MoTConfig, codec) -> LayoutCon
 @dataclass
 class Built:
     module: torch.nn.Module  # the LossModule, wrapped for DDP or sharded in place by FSDP2
-    model: MoTModel
+    model: torch.nn.Module  # the family's model inside it
     optimizer: torch.optim.AdamW
     ema: EMA | None
 
@@ -183,13 +171,14 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, d: Dist, quiet: bool = False):
         self.config, self.run_dir, self.d, self.quiet = config, Path(run_dir), d, quiet
         self.config_toml = dump_toml(config)
+        self.family = family_of(config)
         self.tokenizer = load_tokenizer(config, self.run_dir, d)
         self.codec = load_codec(config.model.vae)
         self.batch_codec = BatchEncoded(self.codec)
         self.model_config = model_config_for(config, self.tokenizer, self.codec)
         self.layout = layout_for(config, self.model_config, self.codec)
         self.packer = Packer(make_stream(config), self.tokenizer, self.layout, config.dropout, config.seed,
-                             config.data.budget, config.data.rows, config.data.lookahead)
+                             config.data.budget, config.data.rows, config.data.lookahead, self.family.layout)
         self._validation = None
         if config.data.rows % d.world_size:
             raise TrainConfigError(f"data.rows = {config.data.rows} does not split over {d.world_size} processes; "
@@ -200,16 +189,15 @@ class Trainer:
     def build(self, stage) -> Built:
         torch.manual_seed(self.config.seed)  # the same initial weights in every process
         if self.config.model.init_from:
-            model = MoTModel.from_pretrained(self.config.model.init_from, device=self.d.device)
+            model = self.family.from_pretrained(self.config.model.init_from, device=self.d.device)
         else:
             with torch.device(self.d.device):
-                model = MoTModel(self.model_config)
-            if self.config.model.init_vit:
-                load_pretrained_vit(model, self.config.model.init_vit)
+                model = self.family.build(self.model_config)
+            self.family.initialize(model, self.config.model.arch)  # pretrained parts the recipe names
         model.train()
-        apply_freeze(model, stage.freeze)
-        module = parallelize(LossModule(model), self.config.parallel, self.d)
-        optimizer = build_optimizer(module, self.config)
+        apply_freeze(model, stage.freeze, self.family)
+        module = parallelize(LossModule(model, self.family), self.config.parallel, self.d)
+        optimizer = build_optimizer(module, self.config, self.family)
         ema = EMA(module, self.config.ema.decay) if self.config.ema.decay > 0 else None
         return Built(module, model, optimizer, ema)
 
@@ -221,13 +209,14 @@ class Trainer:
         batch = self.packer.next_batch(default_weights(config, stage))
         per_rank = config.data.rows // d.world_size
         mine = range(d.rank * per_rank, (d.rank + 1) * per_rank)
-        self.batch_codec.encode_all(vae_pixels([batch.rows[r] for r in mine], [batch.documents[r] for r in mine],
-                                               self.layout))
-        inputs = [prepare_row(batch.rows[r], batch.documents[r], self.layout, self.batch_codec,
-                              torch.Generator().manual_seed(row_seed(config.seed, step, r)),
-                              config.data.timestep_shift) for r in mine]
-        latent = self.model_config.latent
-        totals = batch_totals(batch.rows, latent.channels if latent else 0, latent.patch_size if latent else 1)
+        family = self.family
+        self.batch_codec.encode_all(codec_pixels(family, [batch.rows[r] for r in mine],
+                                                 [batch.documents[r] for r in mine], self.layout))
+        inputs = [family.prepare(batch.rows[r], batch.documents[r], self.layout, self.batch_codec,
+                                 torch.Generator().manual_seed(row_seed(config.seed, step, r)),
+                                 config.data.timestep_shift) for r in mine]
+        totals = family.loss_counts(batch.rows, self.model_config)  # part -> count over the global batch
+        weights = part_weights(stage, totals)
 
         _, _, in_stage = config.stage_at(step)
         lr = stage_lr(config, stage, in_stage)
@@ -236,7 +225,7 @@ class Trainer:
         autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16) if config.parallel.autocast == "bf16"
                     else contextlib.nullcontext())
         with autocast:
-            loss, sums = built.module(inputs, totals, stage.text_weight, stage.flow_weight, d.world_size)
+            loss, sums = built.module(inputs, totals, weights, d.world_size)
         loss.backward()
         fill_missing_grads(built.module)
         grad_norm = clip_grad_norm(built.module, config.optim.grad_clip)
@@ -247,14 +236,15 @@ class Trainer:
             else:
                 built.ema.update(built.module)
 
-        text_sum, flow_sum = all_reduce_sum(d, sums).tolist()
-        text_loss = text_sum / totals.text_tokens if totals.text_tokens else 0.0
-        flow_loss = flow_sum / totals.flow_elements if totals.flow_elements else 0.0
+        summed = dict(zip(totals, all_reduce_sum(d, sums).tolist()))
+        parts = {name: summed[name] / count if count else 0.0 for name, count in totals.items()}
+        total = 0.0
+        for name, value in parts.items():
+            total = total + weights[name] * value
         seconds = time.perf_counter() - started
         return {
-            "step": step + 1, "stage": stage.name,
-            "loss": stage.text_weight * text_loss + stage.flow_weight * flow_loss,
-            "text_loss": text_loss, "flow_loss": flow_loss, "lr": lr, "grad_norm": grad_norm,
+            "step": step + 1, "stage": stage.name, "loss": total,
+            **{f"{name}_loss": value for name, value in parts.items()}, "lr": lr, "grad_norm": grad_norm,
             "tokens": batch.real_tokens, "tokens_per_s": batch.real_tokens / seconds,
             "packing": batch.efficiency, "docs": self.packer.stream.drawn - len(self.packer.waiting),
             "seconds": seconds,

@@ -1,16 +1,8 @@
 """Named parameter groups, freezing, AdamW, the learning-rate schedule and EMA.
 
-Groups of the `mot` model (every parameter belongs to exactly one):
-
-    embeddings  embed_tokens (and a tied lm_head)
-    und         the understanding expert of every layer + its final norm
-    gen         the generation expert of every layer + its final norm
-    vit         the NaViT encoder
-    connector   ViT features -> decoder width
-    latent_io   latent_in, latent_out, time_embed (the generation path around the decoder)
-    lm_head     the language head
-
-A stage freezes groups by turning `requires_grad` off before the model is wrapped for
+Parameter groups are the model family's (`Family.param_groups` / `group_of`, e.g. `mot`:
+embeddings, und, gen, vit, connector, latent_io, lm_head); every parameter belongs to exactly
+one. A stage freezes groups by turning `requires_grad` off before the model is wrapped for
 DDP/FSDP, so frozen weights get no gradient, no optimizer step and stay bitwise unchanged.
 """
 
@@ -22,47 +14,37 @@ import re
 import torch
 from torch import Tensor, nn
 
-from tapestry.train.config import PARAM_GROUPS, ScheduleConfig, StageConfig, TrainConfig
+from tapestry.train.config import ScheduleConfig, StageConfig, TrainConfig
 from tapestry.train.parallel import unwrap
 
-_GROUP_RULES: tuple[tuple[str, str], ...] = (
-    (r"(^|\.)embed_tokens\.", "embeddings"),
-    (r"(^|\.)layers\.\d+\.und\.|(^|\.)norm_und\.", "und"),
-    (r"(^|\.)layers\.\d+\.gen\.|(^|\.)norm_gen\.", "gen"),
-    (r"(^|\.)vit\.", "vit"),
-    (r"(^|\.)connector\.", "connector"),
-    (r"(^|\.)(latent_in|latent_out|time_embed)\.", "latent_io"),
-    (r"(^|\.)lm_head\.", "lm_head"),
-)
+# what wraps the model: DDP's "module." and the LossModule's "model."
+_WRAPPER_PREFIX = re.compile(r"^(module\.)?model\.")
 
 
-def group_of(name: str) -> str:
-    """The parameter group of a parameter name (any wrapper prefix is ignored)."""
-    for pattern, group in _GROUP_RULES:
-        if re.search(pattern, name):
-            return group
-    raise ValueError(f"parameter {name!r} belongs to no group; groups: {PARAM_GROUPS}")
+def group_of(name: str, family) -> str:
+    """The parameter group of a parameter name, seen through any wrapper (LossModule, DDP)."""
+    return family.group_of(_WRAPPER_PREFIX.sub("", name))
 
 
-def named_groups(module: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAM_GROUPS}
+def named_groups(module: nn.Module, family) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in family.param_groups}
     for name, param in module.named_parameters():  # tied weights appear once, under their first name
-        groups[group_of(name)].append((name, param))
+        groups[group_of(name, family)].append((name, param))
     return groups
 
 
-def apply_freeze(module: nn.Module, freeze: list[str]) -> None:
+def apply_freeze(module: nn.Module, freeze: list[str], family) -> None:
     for name, param in module.named_parameters():
-        param.requires_grad_(group_of(name) not in freeze)
+        param.requires_grad_(group_of(name, family) not in freeze)
 
 
-def build_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, config: TrainConfig, family) -> torch.optim.AdamW:
     """AdamW over every parameter, frozen or not, so the optimizer state keeps one structure
     through all stages. Param groups: one per named group and decay kind; 1-D tensors (norms,
     biases) take no weight decay."""
     o = config.optim
     param_groups = []
-    for group, params in named_groups(module).items():
+    for group, params in named_groups(module, family).items():
         for decay in (True, False):
             chosen = [p for _, p in params if (p.dim() >= 2) == decay]
             if chosen:

@@ -2,8 +2,9 @@
 from torch.distributed; this module wraps it.
 
     init_distributed()    torchrun's environment -> process group (gloo on CPU, nccl on GPU)
-    parallelize(module)   activation checkpointing and torch.compile per decoder layer, then
-                          DDP or FSDP2 (`fully_shard` per decoder layer, then the root)
+    parallelize(module)   activation checkpointing and torch.compile per block (the family's
+                          `blocks(model)`: decoder layers), then DDP or FSDP2 (`fully_shard` per
+                          block, then the root)
 
 Under FSDP2 a parameter unused on one process (an expert with no tokens in its rows) still
 takes part in the gradient reduce-scatter as zeros (`set_reduce_scatter_unused_params`), so
@@ -109,8 +110,9 @@ def broadcast_object(d: Dist, obj):
     return box[0]
 
 
-def decoder_layers(module: nn.Module) -> nn.ModuleList:
-    return module.model.layers
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the LossModule's model, as its family names them."""
+    return module.family.blocks(module.model)
 
 
 def parallelize(module: nn.Module, config: ParallelConfig, d: Dist) -> nn.Module:
@@ -132,9 +134,9 @@ def parallelize(module: nn.Module, config: ParallelConfig, d: Dist) -> nn.Module
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        # MoTLayer returns its keys and values as transposed views (for the KV cache); FSDP2 warns
-        # that an in-place op on such a view would skip its all-gather. MoTModel never modifies
-        # them in place, so the warning does not apply.
+        # a block may return views of its outputs (MoTLayer: keys and values for the KV cache);
+        # FSDP2 warns that an in-place op on such a view would skip its all-gather. The models
+        # here never modify them in place, so the warning does not apply.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         mesh = init_device_mesh(d.device.type, (d.world_size,))
