@@ -38,17 +38,18 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = random_model()
-    engine = Engine(model, None, _Codec(), LayoutConfig(vae_downsample=8, latent_patch=2, max_latent_side=16))
+    engine = Engine.for_model(model, None, _Codec(), LayoutConfig(vae_downsample=8, latent_patch=2, max_latent_side=16))
     steps = 4 if args.quick else 10
     rounds = 2 if args.quick else 4
 
     def run(batch: bool):
         contexts = {name: filled_context(model, n) for name, n in CONTEXTS.items()}
-        positions = {name: ctx.take_image_position() for name, ctx in contexts.items()}
+        for ctx in contexts.values():
+            engine.runtime.begin_image(ctx)
         options = GenerationOptions(steps=steps, guidance="inset", batch_branches=batch)
         generator = torch.Generator().manual_seed(0)
         started = time.perf_counter()
-        gen = engine._denoise(contexts, positions, SIZE, options, generator, 0, {})
+        gen = engine._denoise(contexts, SIZE, options, generator, 0, {})
         try:
             while True:
                 next(gen)
@@ -56,7 +57,7 @@ def main() -> None:
             return stop.value, (time.perf_counter() - started) / steps
 
     ratios = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for _ in range(rounds):
             batched, t_batched = run(True)
             sequential, t_sequential = run(False)

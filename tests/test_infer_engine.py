@@ -19,7 +19,7 @@ def engine():
     config = tiny_mot_config(tokenizer.vocab_size, layers=2)
     model = MoTModel(config)
     torch.nn.init.normal_(model.latent_out.weight, std=0.05)  # a fresh head predicts 0; make it speak
-    return Engine(model, tokenizer, AvgPoolCodec(), layout_config_for(config, 4, target_size=(32, 32)))
+    return Engine.for_model(model, tokenizer, AvgPoolCodec(), layout_config_for(config, 4, target_size=(32, 32)))
 
 
 def story():

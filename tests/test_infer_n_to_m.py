@@ -9,7 +9,8 @@ from tapestry.infer.engine import Engine, GenerationOptions
 from tapestry.layout import layout_document, pack_layouts
 from tapestry.models.common.tokenizer import train_bpe
 from conftest import tiny_mot_config
-from tapestry.models.mot.family import layout_config_for, prepare_row, training_loss
+from tapestry.models.mot.family import layout_config_for, prepare_row
+from test_models_mot_family import training_loss
 from tapestry.models.mot.model import MoTModel
 
 WORDS = {1: "one", 2: "two", 3: "three"}
@@ -47,7 +48,7 @@ def test_trained_model_draws_the_number_of_images_the_prompt_asks_for():
         optimizer.step()
     assert float(parts.text_loss) < 0.05, f"text loss {float(parts.text_loss):.3f} did not converge"
 
-    engine = Engine(model, tokenizer, codec, layout)
+    engine = Engine.for_model(model, tokenizer, codec, layout)
     for n in WORDS:
         prompt = Document(f"ask-{n}", [TextSegment(f"Draw {WORDS[n]} stars, one at a time.")])
         result = engine.generate(prompt, GenerationOptions(seed=0, steps=2, max_new_tokens=40, max_images=6))

@@ -7,14 +7,24 @@ from tapestry.document import Document, ImageSegment, TextSegment, from_markup
 from tapestry.layout import GEN, UND, concat_layouts, dense_mask, layout_document
 from tapestry.models.common.tokenizer import train_bpe
 from conftest import tiny_mot_config
-from tapestry.models.mot.family import (
-    embed_row,
-    layout_config_for,
-    pixels_to_tensor,
-    prepare_row,
-    training_loss,
-)
+from tapestry.models.mot.family import MOT, embed_row, layout_config_for, pixels_to_tensor, prepare_row
 from tapestry.models.mot.model import MoTModel
+from tapestry.train.loss import LossModule
+
+
+class LossParts:
+    """The loss training uses (train/loss.py's LossModule over the mot family), as numbers."""
+
+    def __init__(self, model, batch, flow_weight: float = 1.0):
+        counts = MOT.loss_counts([inputs.row for inputs in batch], model.config)
+        self.loss, sums = LossModule(model, MOT)(batch, counts, {"text": 1.0, "flow": flow_weight})
+        self.text_tokens, self.flow_elements = counts["text"], counts["flow"]
+        self.text_loss = sums[0] / max(1, self.text_tokens)
+        self.flow_loss = sums[1] / max(1, self.flow_elements)
+
+
+def training_loss(model, batch, flow_weight: float = 1.0) -> LossParts:
+    return LossParts(model, batch, flow_weight)
 
 
 class AvgPoolCodec:

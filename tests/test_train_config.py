@@ -38,7 +38,7 @@ def test_overrides_reach_scalars_nested_tables_and_list_items():
                                           "stages.0.steps=7", "stages.0.freeze=[\"vit\"]", "parallel.compile=true",
                                           "stages.0.lr_scale={vit = 0.1}"])
     assert config.optim.lr == 1e-3 and config.optim.betas == [0.8, 0.99]
-    assert config.model.vae == "pool:2" and config.model.llm.num_layers == 3
+    assert config.model.vae == "pool:2" and config.model.arch.llm.num_layers == 3
     assert config.data.sources[0].weight == 2.0
     assert config.stages[0] == StageConfig(steps=7, freeze=["vit"], lr_scale={"vit": 0.1})
     assert config.parallel.compile is True

@@ -150,7 +150,7 @@ def test_frozen_groups_stay_bitwise_unchanged_across_stages(setup, tmp_path):
     after1 = state_of(run / "checkpoints" / "step-00000002")
     after2 = state_of(run / "checkpoints" / "step-00000004")
     for name, value in initial.items():
-        group = group_of(name)
+        group = group_of(name, trainer.family)
         key = f"model.{name}"
         if group in config.stages[0].freeze:
             assert torch.equal(after1[key], value), f"{name} moved while frozen in stage 1"

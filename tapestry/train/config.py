@@ -354,7 +354,14 @@ def from_dict(cls, data: Any, where: str = "config"):
 
 
 def to_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as the dict its TOML reads to ([model] with its family recipe's keys inline)."""
+    if dataclasses.is_dataclass(config):
+        return {k: to_dict(v) for k, v in _items(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
