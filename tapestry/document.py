@@ -6,8 +6,8 @@ An image segment bound to a slot is read at the slot; an unbound one is read whe
 
 Validation collects *every* problem with its location instead of stopping at the first, because
 a person fixing a data file wants the whole list at once. Disk formats live in
-`tapestry.storage`; the names `save_folder`, `load_folder`, `save_jsonl`, `save_shard`,
-`iter_documents` and `scan` are re-exported here for convenience.
+`tapestry.storage` (which imports this module, never the other way round); image limits and
+safe decoding in `tapestry.images`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Literal, Union
 from PIL import Image
 
 from tapestry.errors import DocumentError, MarkupError, Problem, TapestryError
+from tapestry.images import DEFAULT_LIMITS, Limits  # noqa: F401  (re-exported: they lived here)
 from tapestry.markup import (
     NAME_PATTERN,
     ORDINAL_PATTERN,
@@ -41,20 +42,7 @@ MEMORY = "<memory>"
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds every loader enforces before doing real work (DESIGN §13)."""
 
-    max_images: int = 64  # image segments per document
-    max_text_chars: int = 200_000  # all text segments of a document together
-    max_segments: int = 1024
-    max_pixels: int = 36_000_000  # decompression-bomb guard: refuse before decoding
-    max_image_bytes: int = 64 * 1024 * 1024
-    max_side: int = 16_384
-    max_meta_bytes: int = 1_000_000
-
-
-DEFAULT_LIMITS = Limits()
 
 
 @dataclass
@@ -505,7 +493,7 @@ def from_markup(
             segments.append(ImageSegment(role=role, name=name, image=image,
                                          width=image.width, height=image.height))
         elif isinstance(image, (str, os.PathLike)):
-            from tapestry.storage import load_image  # storage imports this module
+            from tapestry.images import load_image
 
             pixels, data = load_image(image)
             segments.append(ImageSegment(role=role, name=name, image=pixels, encoded=data,
@@ -680,13 +668,3 @@ def to_inline(doc: Document) -> Document:
             segments.append(s)
     out.segments = segments
     return out
-
-
-def __getattr__(name: str):
-    # Disk formats live in tapestry.storage (which imports this module); re-exported lazily.
-    if name in {"save_folder", "load_folder", "save_jsonl", "save_shard", "iter_documents", "scan",
-                "load_image", "decode_image"}:
-        from tapestry import storage
-
-        return getattr(storage, name)
-    raise AttributeError(f"module 'tapestry.document' has no attribute {name!r}")

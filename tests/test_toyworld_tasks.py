@@ -17,7 +17,8 @@ from tapestry.toyworld.evaluate import judge_document, summarize
 from tapestry.toyworld.judge import judge_image
 from tapestry.toyworld.phrases import normalize_answer
 from tapestry.toyworld.spec import Scene, SpecError
-from tapestry.toyworld.splits import SEED_BASE, content_split, sample_seed, write_bench
+from tapestry.toyworld.bench import write_bench
+from tapestry.toyworld.splits import SEED_BASE, content_split, sample_seed
 
 ALL = [(task, layout) for task in tasks.TASKS for layout in tasks.task_layouts(task)]
 

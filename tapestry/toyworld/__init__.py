@@ -22,7 +22,7 @@ _EXPORTS = {
     "run_self_test": "tapestry.toyworld.selftest",
     "sample": "tapestry.toyworld.tasks",
     "render_scene": "tapestry.toyworld.render",
-    "write_bench": "tapestry.toyworld.splits",
+    "write_bench": "tapestry.toyworld.bench",
     "Scene": "tapestry.toyworld.spec",
     "Entity": "tapestry.toyworld.spec",
     "PlacedEntity": "tapestry.toyworld.spec",

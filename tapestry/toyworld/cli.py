@@ -119,7 +119,7 @@ def bench(
         tapestry toyworld bench --out bench/toyworld-v1 --compose 10 --story 10 --edit 10 --understand 10 --howto 5
     """
     from tapestry.toyworld.spec import SpecError
-    from tapestry.toyworld.splits import write_bench
+    from tapestry.toyworld.bench import write_bench
 
     sizes = {"compose": compose, "story": story, "edit": edit, "understand": understand, "howto": howto}
     if out.exists() and not out.is_dir():

@@ -931,10 +931,3 @@ def judge_image(scene: Scene | dict, image: Any) -> dict[str, Any]:
     if isinstance(scene, dict):
         scene = Scene.from_dict(scene)
     return score_scene(scene, analyse_image(image))
-
-
-def judge_document(expected, predicted=None) -> dict[str, Any]:
-    """Score a predicted Document against the expected one (see tapestry.toyworld.evaluate)."""
-    from tapestry.toyworld.evaluate import judge_document as judge
-
-    return judge(expected, predicted)
