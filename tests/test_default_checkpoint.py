@@ -51,8 +51,14 @@ def test_default_layout_is_the_one_it_was_trained_with(pipe):
     import tomllib
 
     trained = tomllib.loads((DEFAULT_DIR / "train_config.toml").read_text())
-    layout = pipe.engine.layout
+    layout = pipe.engine.runtime.layout
     assert list(layout.target_size) == trained["layout"]["target_size"]
     assert layout.references_as_vae == trained["layout"]["references_as_vae"]
     assert layout.latent_patch == trained["model"]["latent"]["patch_size"]
     assert layout.vit_patch == trained["model"]["vit"]["patch_size"]
+
+
+def test_the_default_loads_for_inference_without_autograd(pipe):
+    runtime = pipe.engine.runtime
+    assert not any(p.requires_grad for p in runtime.model.parameters())
+    assert not any(p.requires_grad for p in runtime.codec.parameters())

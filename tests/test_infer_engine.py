@@ -112,3 +112,69 @@ def test_free_run_stops_at_token_budget_and_image_cap(engine):
     generation = done.document.meta["generation"]
     assert generation["new_images"] == 0
     assert generation["new_tokens"] == 6 if done.stop_reason == "max_tokens" else generation["new_tokens"] < 6
+
+
+def test_engine_outputs_carry_no_autograd_graph_and_grad_mode_does_not_leak(engine):
+    with torch.enable_grad():
+        modes = []
+        events = []
+        for event in engine.stream(story(), GenerationOptions(steps=2, guidance="inset")):
+            modes.append(torch.is_inference_mode_enabled())
+            events.append(event)
+    assert not any(modes), "the consumer's code between events runs in its own grad mode"
+    latents = [e.latents for e in events if isinstance(e, ImageDone)]
+    assert latents and all(x.grad_fn is None and not x.requires_grad for x in latents)
+
+
+def _recording(engine, monkeypatch):
+    seen = []
+    prefill = engine.runtime.prefill
+
+    def record(doc, recompute=False):
+        seen.append(doc)
+        return prefill(doc, recompute)
+
+    monkeypatch.setattr(engine.runtime, "prefill", record)
+    return seen
+
+
+def _texts(doc):
+    return [s.text for s in doc.segments if isinstance(s, TextSegment)]
+
+
+@pytest.mark.parametrize("rule", ["cfg", "illume", "inset", "bagel", "duetgen"])
+def test_guidance_branches_after_model_written_text(engine, monkeypatch, rule):
+    """Branches drop text whoever wrote it; "the last text chunk" is the text since the previous
+    image; DuetGen's negative keeps every condition image (the drawn ones too)."""
+    from tapestry.models.common.guidance import required_branches
+
+    doc = from_markup("A [img1] sits left of a [img2].", [picture((200, 0, 0)), picture((0, 0, 200))], id="w")
+    # (a text target needs placeholder text: an empty segment has no place in reading order)
+    doc.segments += [TextSegment("?", role="target"), ImageSegment("target", width=32, height=32),
+                     TextSegment("Then it moves."), ImageSegment("target", width=32, height=32)]
+    seen = _recording(engine, monkeypatch)
+    result = engine.generate(doc, GenerationOptions(seed=0, steps=1, guidance=rule, temperature=1.0,
+                                                    max_new_tokens=4))
+    written = result.segments[3].text
+    assert written, "the model wrote no text; pick another seed"
+    branches = [b for b in required_branches(rule) if b != "cond"]
+    assert len(seen) == 1 + 2 * len(branches)  # the main context, then each branch for each image
+    first = dict(zip(branches, seen[1 : 1 + len(branches)]))
+    second = dict(zip(branches, seen[1 + len(branches):]))
+    prompt = ["A ", " sits left of a ", "."]
+    for name, branch in first.items():
+        images = [s for s in branch.segments if isinstance(s, ImageSegment)]
+        if name in ("no_text", "uncond"):
+            assert _texts(branch) == []
+        if name == "no_last_text":  # the prompt's tail after [img2] and the model's words go
+            assert _texts(branch) == prompt[:2] and len(images) == 2
+        if name == "no_image":
+            assert _texts(branch) == prompt + [written] and images == []
+    for name, branch in second.items():
+        images = [s for s in branch.segments if isinstance(s, ImageSegment)]
+        if name in ("no_text", "uncond"):
+            assert _texts(branch) == []
+        if name == "no_last_text":  # only the text since the drawn image goes; it stays a condition
+            assert _texts(branch) == prompt + [written] and len(images) == 3
+        if name == "no_image":
+            assert _texts(branch) == prompt + [written, "Then it moves."] and images == []

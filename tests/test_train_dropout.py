@@ -121,3 +121,23 @@ def test_without_vit_tokens_keeps_every_other_token_in_place(tokenizer):
     for p in cut.images:  # placements still point at image tokens of the right expert
         assert set(cut.token_ids[p.start : p.end].tolist()) == {tokenizer.image_id}
     assert cut.documents[0].end == cut.length
+
+
+def test_a_dropped_document_with_several_targets_trains_the_branch_of_one_of_them(tokenizer):
+    from tapestry.document import Document, ImageSegment, TextSegment
+    from test_train_data import picture
+
+    story = Document("s", [TextSegment("A red square."), ImageSegment("context", image=picture("red")),
+                           TextSegment("It moves.", "target"), ImageSegment("target", image=picture("red", cell=1)),
+                           TextSegment("It stops.", "target"), ImageSegment("target", image=picture("red", cell=2))])
+    policy = DropoutConfig(policy="illume", keep=0.0, drop_text=1.0, drop_both=0.0, text_scope="last")
+    decisions = [decide(policy, decision_rng(0, i), story) for i in range(40)]
+    assert {d.branch for d in decisions} == {"no_last_text"} and {d.target for d in decisions} == {3, 5}
+    doc, seq = apply_decision(Decision("no_last_text", target=5), story, tokenizer, LAYOUT)
+    # the second target under the branch inference builds for it: text written since the first
+    # target image dropped, that image now a clean condition, one noise span
+    assert [s.text if isinstance(s, TextSegment) else s.role for s in doc.segments] == [
+        "A red square.", "context", "It moves.", "context", "target"]
+    assert [p.kind for p in seq.images].count("noise") == 1 and bool((seq.labels == IGNORE).all())
+    single = make_doc(0)  # one target: decided exactly as before the choice of target existed
+    assert all(decide(policy, decision_rng(0, i), single).target is None for i in range(10))
