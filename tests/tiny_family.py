@@ -113,6 +113,9 @@ class TinyFamily:
     def build(self, config):
         return TinyModel(config)
 
+    def initialize(self, model, recipe):
+        pass  # nothing pretrained to load
+
     def from_pretrained(self, folder, device="cpu"):
         return self.from_state_dict(self.load_config(folder), _load(Path(folder) / WEIGHTS_NAME))
 

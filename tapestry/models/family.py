@@ -26,6 +26,8 @@ Config and weights
                                 `"family": name` (how a model's family is found again)
     build(config) -> nn.Module  fresh weights (seeded by the caller's torch RNG); may run under
                                 `torch.device("meta")`
+    initialize(model, recipe)   load pretrained parts a training recipe names into a fresh
+                                model (mot: `init_vit`); a no-op when it names none
     from_pretrained(folder, device) / model.save_pretrained(folder)
                                 `config.json` (with `"family": name`) + safetensors
     from_state_dict(config, state, source) -> nn.Module
@@ -142,6 +144,8 @@ class Family(Protocol):
     def load_config(self, folder: str | Path) -> Any: ...
 
     def build(self, config: Any) -> Any: ...
+
+    def initialize(self, model: Any, recipe: Any) -> None: ...
 
     def from_pretrained(self, folder: str | Path, device: Any = "cpu") -> Any: ...
 

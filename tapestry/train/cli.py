@@ -47,7 +47,7 @@ EXPORT_HELP = """Write an inference checkpoint (EMA weights, config, tokenizer, 
 
   tapestry export runs/tiny --out models/tiny --step 200 --raw
 
-The folder loads with MoTModel.from_pretrained(DIR); see docs/training.md for its contents.
+The folder loads with Pipeline.from_pretrained(DIR) (any family); see docs/training.md for its contents.
 """
 
 

@@ -358,6 +358,7 @@ class MoTRecipe:
     latent: LatentConfig = field(default_factory=LatentConfig)
     use_vit: bool = True  # false: no understanding encoder (given images enter as VAE tokens only)
     use_latent: bool = True  # false: a text-only model (DuetGen stage 1 keeps its gen path frozen)
+    init_vit: str = ""  # an encoder folder from `tapestry vit pretrain` (the role SigLIP plays)
 
 
 class MoTFamily:
@@ -378,6 +379,12 @@ class MoTFamily:
 
     def build(self, config: MoTConfig) -> MoTModel:
         return MoTModel(config)
+
+    def initialize(self, model: MoTModel, recipe: MoTRecipe) -> None:
+        if recipe.init_vit:
+            from tapestry.models.mot.encoder import load_pretrained_vit
+
+            load_pretrained_vit(model, recipe.init_vit)
 
     def from_pretrained(self, folder: str | Path, device="cpu") -> MoTModel:
         return MoTModel.from_pretrained(folder, device=device)
