@@ -51,9 +51,20 @@ class ImageInput:
         out = self.processor(images=capped, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
-    def tokens(self, grid_thw: Tensor) -> int:
+    def grid(self, image: Image.Image) -> tuple[int, int, int]:
+        """(t, h, w) patch grid the processor will give this image (Qwen's resize rule)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        c = self.config
+        capped = cap_long_side(image, c.max_side)
+        h, w = smart_resize(capped.height, capped.width, c.patch_size * c.spatial_merge_size, c.min_pixels,
+                            c.max_pixels)
+        return 1, h // c.patch_size, w // c.patch_size
+
+    def tokens(self, grid_thw) -> int:
         """LLM tokens of one image of grid (t, h, w) after the 2×2 merger."""
-        return int(grid_thw.prod()) // self.config.spatial_merge_size**2
+        t, h, w = (int(v) for v in grid_thw)
+        return t * h * w // self.config.spatial_merge_size**2
 
 
 def mrope_positions(ids: Tensor, grids: list[Tensor], image_token_id: int, merge: int,
@@ -113,12 +124,13 @@ class DuetMLLM(nn.Module):
                                                return_dict=True)
         return torch.cat(out.pooler_output, dim=0)
 
-    def embed(self, ids: Tensor, pixel_values: Tensor | None = None, grid_thw: Tensor | None = None) -> Tensor:
+    def embed(self, ids: Tensor, image_token_id: int, pixel_values: Tensor | None = None,
+              grid_thw: Tensor | None = None) -> Tensor:
         """ids: [L] -> embeddings [L, D] with image-pad positions filled by the vision tower."""
         embeds = self.hf.model.get_input_embeddings()(ids.to(self.device))
         if pixel_values is not None and grid_thw is not None and len(grid_thw):
             features = self.image_features(pixel_values, grid_thw).to(embeds.dtype)
-            mask = ids.to(self.device) == self.config.image_token_id
+            mask = ids.to(self.device) == image_token_id
             if int(mask.sum()) != features.shape[0]:
                 raise ValueError(f"{int(mask.sum())} image-pad tokens but {features.shape[0]} image features")
             embeds = embeds.masked_scatter(mask[:, None], features)

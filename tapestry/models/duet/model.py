@@ -117,7 +117,7 @@ class DuetModel(nn.Module):
     # ---------------------------------------------------------------- MLLM side
     def run_mllm(self, layout: DuetLayout) -> MLLMOutput:
         """The whole sequence through the MLLM (no cache): logits and every layer's states."""
-        embeds = self.mllm.embed(layout.ids, layout.pixel_values, layout.grid_thw)
+        embeds = self.mllm.embed(layout.ids, layout.image_token_id, layout.pixel_values, layout.grid_thw)
         return self.mllm.run(embeds[None], layout.positions[:, None])
 
     def text_loss(self, layout: DuetLayout, out: MLLMOutput) -> tuple[Tensor, int]:
@@ -156,17 +156,18 @@ class DuetModel(nn.Module):
         out = self.dit([f.to(self.device) for f in frames], times.to(self.device), context)
         return out[-1]
 
-    def flow_loss(self, layout: DuetLayout, out: MLLMOutput, sample: FlowSample) -> tuple[Tensor, int]:
-        """(squared error summed over the target's latent elements, their count)."""
+    def flow_loss(self, layout: DuetLayout, out: MLLMOutput, sample: FlowSample) -> Tensor:
+        """MSE of the target's velocity (a mean per sequence: one target image each, as the paper)."""
         indices = context_indices(layout, sample.target, sample.drop_last_chunk)
         ctx = self.context(out.layers, indices)
         predicted = self.velocity(sample.frames, sample.t, ctx)
-        return (predicted.float() - sample.velocity.to(predicted.device)).pow(2).sum(), sample.velocity.numel()
+        return (predicted.float() - sample.velocity.to(predicted.device)).pow(2).mean()
 
     def loss_sums(self, layouts: list[DuetLayout], generator: torch.Generator,
                   parts: tuple[str, ...] = ("text", "flow")) -> dict[str, tuple[Tensor, int]]:
-        """Summed losses and counts over a batch of sequences. A frozen MLLM runs without grad
-        (stage 2), and the flow part is skipped where both connector and DiT are frozen (stage 1)."""
+        """(sum, count) per loss part over a batch of sequences: text CE summed over supervised
+        tokens; flow MSE means summed over sequences with a target. A frozen MLLM runs without
+        grad (stage 2); the flow part is skipped where connector and DiT are frozen (stage 1)."""
         mllm_frozen = self.frozen("mllm")
         want_flow = "flow" in parts and not (self.frozen("connector") and self.frozen("dit"))
         trainable = next((p for p in self.parameters() if p.requires_grad), None)
@@ -181,8 +182,7 @@ class DuetModel(nn.Module):
                     s, n = self.text_loss(layout, out)
                     text_sum, text_n = text_sum + s, text_n + n
             if sample is not None:
-                s, n = self.flow_loss(layout, out, sample)
-                flow_sum, flow_n = flow_sum + s, flow_n + n
+                flow_sum, flow_n = flow_sum + self.flow_loss(layout, out, sample), flow_n + 1
         return {"text": (text_sum, text_n), "flow": (flow_sum, flow_n)}
 
     # ---------------------------------------------------------------- persistence

@@ -39,21 +39,21 @@ class DuetTokens:
     bos: int
     eos: int
     pad: int
-    bov: int
-    vision_start: int
+    bov: int  # the tokenizer's begin-of-image role: what the model emits to draw
+    vision_start: int | None  # Qwen's <|vision_start|>; a tokenizer without it omits the marker
     vision_end: int
     image_pad: int
-    video_pad: int
+    video_pad: int  # Qwen needs an id for video pads (never used here); pad when absent
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> DuetTokens:
         backend = tokenizer.backend
-        extra = {name: backend.token_to_id(name) for name in DUET_EXTRA}
-        missing = [name for name, i in extra.items() if i is None]
-        if missing:
-            raise DuetLayoutError(f"tokenizer lacks the duet token(s) {missing}; build it with duet_tokenizer()")
-        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id,
-                   extra["<|vision_start|>"], tokenizer.eoi_id, tokenizer.image_id, extra["<|video_pad|>"])
+        start, video = (backend.token_to_id(name) for name in DUET_EXTRA)
+        return cls(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.boi_id, start,
+                   tokenizer.eoi_id, tokenizer.image_id, tokenizer.pad_id if video is None else video)
+
+    def opening(self) -> list[int]:
+        return [] if self.vision_start is None else [self.vision_start]
 
 
 def duet_specials():
@@ -104,6 +104,7 @@ class DuetLayout:
     images: list[DuetImage] = field(default_factory=list)
     pixel_values: Tensor | None = None  # [patches, 3·T·P·P] of all images in order
     grid_thw: Tensor | None = None  # [n_images, 3]
+    image_token_id: int = 0  # the id of image-pad tokens in `ids`
 
     @property
     def length(self) -> int:
@@ -115,8 +116,10 @@ class DuetLayout:
         return [k for k, im in enumerate(self.images) if im.bov is not None]
 
 
-def layout_duet(doc, tokenizer, tokens: DuetTokens, image_input, close: bool = True) -> DuetLayout:
-    """One Document -> its duet sequence. `close=False` leaves it open (no EOS): a prompt."""
+def layout_duet(doc, tokenizer, tokens: DuetTokens, image_input, close: bool = True,
+                pixels: bool = True, supervise_text: bool = True) -> DuetLayout:
+    """One Document -> its duet sequence. `close=False` leaves it open (no EOS): a prompt.
+    `pixels=False` computes the token grids without processing pixels (packing needs only sizes)."""
     from tapestry.document import TextSegment
 
     has_targets = any(getattr(s, "role", None) == "target" for s in doc.segments)
@@ -127,7 +130,11 @@ def layout_duet(doc, tokenizer, tokens: DuetTokens, image_input, close: bool = T
                 raise DuetLayoutError(f"document {doc.id!r} segments[{index}]: image has no pixels "
                                       f"({item.role}); the duet layout needs every image")
             pictures.append(item.image)
-    pixel_values, grids = image_input(pictures) if pictures else (None, torch.zeros(0, 3, dtype=torch.long))
+    pixel_values = None
+    if pictures and pixels:
+        pixel_values, grids = image_input(pictures)
+    else:
+        grids = torch.tensor([image_input.grid(im) for im in pictures], dtype=torch.long).reshape(-1, 3)
     ids: list[int] = [tokens.bos]
     supervised: list[bool] = [False]
     images: list[DuetImage] = []
@@ -147,8 +154,9 @@ def layout_duet(doc, tokenizer, tokens: DuetTokens, image_input, close: bool = T
             bov = len(ids)
             ids.append(tokens.bov)
             supervised.append(True)
-        ids.append(tokens.vision_start)
-        supervised.append(False)
+        opening = tokens.opening()
+        ids.extend(opening)
+        supervised.extend([False] * len(opening))
         count = image_input.tokens(grids[k])
         start = len(ids)
         ids.extend([tokens.image_pad] * count)
@@ -161,12 +169,14 @@ def layout_duet(doc, tokenizer, tokens: DuetTokens, image_input, close: bool = T
     if close:
         ids.append(tokens.eos)
         supervised.append(has_targets)
+    if not supervise_text:
+        supervised = [False] * len(supervised)
     ids_t = torch.tensor(ids, dtype=torch.long)
     labels = torch.full_like(ids_t, IGNORE)
     flags = torch.tensor(supervised[1:], dtype=torch.bool)
     labels[:-1][flags] = ids_t[1:][flags]
     positions, _ = mrope_positions_for(ids_t, grids, tokens, image_input)
-    return DuetLayout(doc.id, ids_t, labels, positions, images, pixel_values, grids)
+    return DuetLayout(doc.id, ids_t, labels, positions, images, pixel_values, grids, tokens.image_pad)
 
 
 def mrope_positions_for(ids: Tensor, grids, tokens: DuetTokens, image_input, start: int = 0):
@@ -179,7 +189,7 @@ def context_indices(layout: DuetLayout, k: int, drop_last_chunk: bool = False) -
     """Token positions whose hidden states condition the DiT on image k: everything before its
     <BOV>, minus the last text chunk for the guidance negative."""
     image = layout.images[k]
-    end = image.bov if image.bov is not None else image.start - 1
+    end = image.bov if image.bov is not None else image.chunk[1]
     keep = torch.ones(end, dtype=torch.bool)
     if drop_last_chunk:
         a, b = image.chunk
