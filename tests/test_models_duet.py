@@ -206,19 +206,26 @@ def test_guidance_negative_drops_exactly_the_last_text_chunk(model, tokenizer):
     assert [i for i in full if i not in negative] == list(range(a, b))
     assert all(i in negative for i in range(layout.images[k - 1].start, layout.images[k - 1].end))
 
-    # the runtime: the negative branch keeps the cond context's frames, drops the chunk's states
+    # the runtime: the negative's context (the prompt without its last text chunk, the images
+    # kept) reads exactly the cond context's hidden states minus the chunk's positions
     runtime = FAMILY.runtime(model, tokenizer)
-    prompt = Document("p", [TextSegment(doc.segments[0].text), ImageSegment("context", image=doc.segments[1].image),
-                            TextSegment(doc.segments[2].text)])
-    ctx = runtime.prefill(prompt)
-    runtime.append_text(ctx, [tokenizer.boi_id])
-    runtime.begin_image(ctx)
-    cond, neg = runtime._condition(ctx, False), runtime._condition(ctx, True)
-    assert cond.shape[0] - neg.shape[0] == len(tokenizer.encode(doc.segments[2].text))
+    given = ImageSegment("context", image=doc.segments[1].image)
+    full_doc = Document("p", [TextSegment(doc.segments[0].text), given, TextSegment(doc.segments[2].text)])
+    negative_doc = Document("p", [TextSegment(doc.segments[0].text), given])
+    contexts = {}
+    for name, prompt in (("cond", full_doc), ("no_last_text", negative_doc)):
+        ctx = runtime.prefill(prompt)
+        runtime.append_text(ctx, [tokenizer.boi_id])
+        runtime.begin_image(ctx)
+        contexts[name] = ctx
+    cond, neg = contexts["cond"], contexts["no_last_text"]
+    assert len(cond.frames) == len(neg.frames) == 1 and torch.equal(cond.frames[0], neg.frames[0])
+    derived = runtime._condition(cond, drop_last_chunk=True)
+    assert runtime._condition(cond, False).shape[0] - derived.shape[0] == len(tokenizer.encode(doc.segments[2].text))
+    assert torch.allclose(derived, runtime._condition(neg, False), atol=1e-5)
     x = runtime.noise((32, 32), torch.Generator().manual_seed(0))
-    v = runtime.denoise({"cond": ctx, "uncond": runtime.prefill(Document("n", []))}, x, torch.tensor(0.5))
-    assert v["cond"].shape == x.shape and not torch.allclose(v["cond"], v["uncond"])
-    assert len(ctx.frames) == 1
+    v = runtime.denoise(contexts, x, torch.tensor(0.5))
+    assert v["cond"].shape == x.shape and not torch.allclose(v["cond"], v["no_last_text"])
 
 
 # ------------------------------------------------------------------------------------ inference

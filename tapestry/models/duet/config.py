@@ -248,6 +248,10 @@ class VAEConfig:
     config: dict[str, Any] = field(default_factory=lambda: dict(
         base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=4))
+    # a folder with trained weights for a fresh build (a ToyAutoencoder save_pretrained folder, or
+    # a diffusers vae/ folder); its config replaces `config`. A saved duet model carries the VAE
+    # weights itself, so loading one never reads this path.
+    pretrained: str = ""
 
     def validate(self) -> None:
         if self.kind not in VAE_KINDS:

@@ -10,10 +10,12 @@ sequences with a target).
 Inference (`DuetRuntime`): the MLLM's KV cache is kept across text steps and images; the hidden
 states of every layer are kept for the connector; every image of the context is VAE-encoded
 once as a condition frame. When an image is drawn the connector output of the tokens before its
-<BOV> is computed once and reused at every denoising step. DuetGen's guidance negative (the
-"uncond" branch of `--guidance cfg`, or any branch other than "cond") is the same condition
-frames with the last text chunk removed from that hidden-state sequence — derived from the
-cond context, whatever context the engine built for the branch.
+<BOV> is computed once and reused at every denoising step. Every guidance branch runs on the
+context the engine built for it; DuetGen's negative (the same condition frames, the last text
+chunk removed) is the branch that drops the last text chunk and keeps the images. Because the
+MLLM is causal, that context's hidden states are exactly the cond context's with the chunk's
+positions removed — the paper's "remove the final text chunk from the hidden-state sequence"
+(`_condition(ctx, drop_last_chunk=True)` computes it that way; a test checks both agree).
 """
 
 from __future__ import annotations
@@ -105,9 +107,11 @@ class DuetFamily:
     def model_config(self, recipe: DuetRecipe, vocab_size: int, latent_channels: int = 0) -> DuetConfig:
         from dataclasses import replace
 
+        from tapestry.models.duet.vae import resolve_pretrained
+
         # latent channels are the model's own VAE's, not the run's codec
         return DuetConfig(mllm=replace(recipe.mllm, vocab_size=vocab_size), connector=recipe.connector,
-                          dit=recipe.dit, vae=recipe.vae, training=recipe.training,
+                          dit=recipe.dit, vae=resolve_pretrained(recipe.vae), training=recipe.training,
                           target_size=list(recipe.target_size)).validate()
 
     def load_config(self, folder: str | Path) -> DuetConfig:
@@ -122,7 +126,7 @@ class DuetFamily:
     def from_state_dict(self, config: DuetConfig, state: dict[str, Tensor], source: str = "<state dict>") -> DuetModel:
         from tapestry.models.duet.config import DuetConfigError
 
-        model = DuetModel(config)
+        model = DuetModel(config, load_pretrained=False)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise DuetConfigError(f"{source}: {len(missing)} missing key(s) (e.g. {missing[:3]}), "
@@ -355,12 +359,12 @@ class DuetRuntime:
         return x.permute(0, 2, 3, 1).to(self.model.device)
 
     def denoise(self, contexts: dict[str, DuetContext], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]:
-        cond = contexts["cond"]
+        """Each branch on its own context: its frames and its connector reading. (Branches differ
+        in frame count and context length, so they run one after another.)"""
         latents = x[0].permute(2, 0, 1)  # [C, h, w]
         out = {}
-        for name in contexts:
-            context = self._condition(cond, drop_last_chunk=name != "cond")
-            v = self.model.velocity(cond.frames + [latents], float(t), context)
+        for name, ctx in contexts.items():
+            v = self.model.velocity(ctx.frames + [latents], float(t), self._condition(ctx, False))
             out[name] = v.permute(1, 2, 0)[None]
         return out
 

@@ -62,14 +62,14 @@ class FlowSample:
 
 
 class DuetModel(nn.Module):
-    def __init__(self, config: DuetConfig):
+    def __init__(self, config: DuetConfig, load_pretrained: bool = True):
         super().__init__()
         self.config = config.validate()
         self.mllm = DuetMLLM(config.mllm)
         self.connector = Connector(config.connector, config.mllm.hidden_size, config.mllm.num_layers,
                                    config.dit.context_dim)
         self.dit = PackedDiT(config.dit)
-        self.vae = build_vae(config.vae)
+        self.vae = build_vae(config.vae, load_pretrained)
         if self.vae.latent_channels != config.dit.in_channels:
             raise ValueError(f"the VAE makes {self.vae.latent_channels} latent channels but dit.in_channels is "
                              f"{config.dit.in_channels}")
@@ -211,7 +211,7 @@ class DuetModel(nn.Module):
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             raise DuetConfigError(f"{folder}: no {WEIGHTS_NAME} beside config.json")
-        model = cls(config)
+        model = cls(config, load_pretrained=False)  # every weight, the VAE's too, is in the file
         state = load_file(str(weights))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -59,11 +59,14 @@ class VideoVAE(nn.Module):
 class ToyVAE(nn.Module):
     """A tapestry ToyAutoencoder (ToyWorld), built from its config dict; weights load with the model."""
 
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, load_pretrained: bool = True):
         super().__init__()
         from tapestry.models.vae.toy import ToyAEConfig, ToyAutoencoder
 
-        self.net = ToyAutoencoder(ToyAEConfig.from_dict(dict(config.config), "vae.config"))
+        if config.pretrained and load_pretrained:
+            self.net = ToyAutoencoder.from_pretrained(config.pretrained)
+        else:
+            self.net = ToyAutoencoder(ToyAEConfig.from_dict(dict(config.config), "vae.config"))
         self.downsample = self.net.downsample
         self.latent_channels = self.net.latent_channels
 
@@ -74,5 +77,30 @@ class ToyVAE(nn.Module):
         return self.net.decode(latents)
 
 
-def build_vae(config: VAEConfig) -> nn.Module:
-    return ToyVAE(config) if config.kind == "toy" else VideoVAE(config)
+def resolve_pretrained(config: VAEConfig) -> VAEConfig:
+    """The config with `config` read from the `pretrained` folder (so a saved model is self-contained)."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    if not config.pretrained:
+        return config
+    path = Path(config.pretrained) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        from tapestry.models.duet.config import DuetConfigError
+
+        raise DuetConfigError(f"vae.pretrained: cannot read {path} ({exc})") from None
+    return replace(config, config={k: v for k, v in data.items() if not k.startswith("_")})
+
+
+def build_vae(config: VAEConfig, load_pretrained: bool = True) -> nn.Module:
+    if config.kind == "toy":
+        return ToyVAE(config, load_pretrained)
+    vae = VideoVAE(config)
+    if config.pretrained and load_pretrained:
+        from tapestry.models.duet.convert import load_diffusers
+
+        load_diffusers(config.pretrained, vae.net)
+    return vae
