@@ -318,3 +318,31 @@ def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
     parts = FAMILY.loss(model, [inputs])
     assert set(parts) == {"text", "flow"} and float(parts["flow"]) > 0
     assert {FAMILY.group_of(n) for n, _ in model.named_parameters()} == set(FAMILY.param_groups)
+
+
+def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path):
+    from tokenizers import AddedToken
+
+    from tapestry.models.common.tokenizer import QWEN2_SPECIALS, TextTokenizer
+    from tapestry.models.duet.config import MLLMConfig
+
+    qwen_tok = train_bpe([" ".join(WORDS)] * 4, 300, QWEN2_SPECIALS)
+    qwen_tok.backend.add_special_tokens([AddedToken("<|video_pad|>", special=True)])
+    torch.manual_seed(2)
+    source = DuetModel(DuetConfig(mllm=MLLMConfig(vocab_size=qwen_tok.vocab_size)))
+    qwen = convert.write_qwen(source.mllm, tmp_path / "qwen", shards=2)
+    (qwen / "tokenizer.json").write_text(qwen_tok.backend.to_str())  # a Qwen folder: tokenizer.json only
+    convert.write_diffusers(source.dit.net, tmp_path / "wan" / "transformer")
+    convert.write_diffusers(source.vae.net, tmp_path / "wan" / "vae")
+    convert.write_model_index(tmp_path / "wan", "WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan")
+
+    out = tmp_path / "duet"
+    assert convert.main([str(qwen), str(tmp_path / "wan"), "--out", str(out)]) == 0
+    assert convert.main([str(qwen), str(tmp_path / "wan"), "--out", str(out)]) == 2  # refuses a full folder
+    tok = TextTokenizer.load(out)
+    assert tok.backend.id_to_token(tok.boi_id) == "<BOV>" and tok.boi_id == qwen_tok.vocab_size
+    model = DuetModel.from_pretrained(out)
+    emb = model.mllm.hf.get_input_embeddings().weight
+    assert emb.shape[0] == qwen_tok.vocab_size + 1
+    assert torch.equal(emb[:-1], source.mllm.hf.get_input_embeddings().weight)
+    assert torch.equal(model.dit.net.proj_out.weight, source.dit.net.proj_out.weight)

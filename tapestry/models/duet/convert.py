@@ -346,3 +346,79 @@ def import_published(qwen_dir: str | Path, diffusers_dir: str | Path, connector=
     load_diffusers(diffusers_dir / "vae", model.vae.net)
 
     return model
+
+
+def grow_vocabulary(mllm, vocab_size: int) -> None:
+    """Make room for new token ids (<BOV>): new embedding and head rows start at the mean
+    embedding, the usual choice that keeps the new token's logit near the others'."""
+    import torch
+
+    hf = mllm.hf
+    old = hf.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    with torch.no_grad():
+        mean = hf.get_input_embeddings().weight.mean(0)
+        hf.resize_token_embeddings(vocab_size, mean_resizing=False)
+        hf.get_input_embeddings().weight[old:] = mean
+        if not mllm.config.tie_word_embeddings:
+            head = hf.get_output_embeddings().weight
+            head[old:] = head[:old].mean(0)
+    mllm.config.vocab_size = vocab_size
+
+
+def import_folder(qwen_dir: str | Path, diffusers_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Published Qwen2.5-VL + diffusers folders -> one duet checkpoint folder (config.json,
+    model.safetensors, the Qwen tokenizer with <BOV> added)."""
+    from tapestry.models.common.tokenizer import TextTokenizer
+    from tapestry.models.duet.sequence import DuetTokens, add_duet_tokens
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: folder is not empty; pass --overwrite to replace what is there")
+    tokenizer = add_duet_tokens(TextTokenizer.load(qwen_dir))
+    model = import_published(qwen_dir, diffusers_dir)
+    tokens = DuetTokens.from_tokenizer(tokenizer)
+    grow_vocabulary(model.mllm, max(tokenizer.vocab_size, model.config.mllm.vocab_size))
+    model.config.mllm.bov_token_id = tokens.bov
+    model.save_pretrained(out)
+    tokenizer.save(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tapestry.models.duet.convert QWEN_DIR DIFFUSERS_DIR --out DIR [--overwrite]"""
+    import argparse
+    import sys
+
+    from tapestry.errors import TapestryError
+
+    parser = argparse.ArgumentParser(prog="python -m tapestry.models.duet.convert",
+                                     description="Build a duet checkpoint from a Qwen2.5-VL folder and a diffusers "
+                                                 "Wan / Cosmos folder (published layouts), or report key coverage.")
+    parser.add_argument("qwen_dir")
+    parser.add_argument("diffusers_dir")
+    parser.add_argument("--out", help="write the duet checkpoint here")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if not args.out:
+            from tapestry.models.duet.model import DuetModel  # noqa: F401 - coverage only needs the shapes
+
+            mllm_cfg = mllm_config_from_qwen(args.qwen_dir)
+            print(f"qwen2.5-vl: {mllm_cfg.num_layers} layers, hidden {mllm_cfg.hidden_size}, "
+                  f"vocab {mllm_cfg.vocab_size}")
+            dit_cfg = dit_config_from_diffusers(Path(args.diffusers_dir) / "transformer")
+            print(f"dit: {dit_cfg.kind}, {dit_cfg.num_layers} layers, width {dit_cfg.inner_dim}, "
+                  f"context {dit_cfg.context_dim}")
+            return 0
+        path = import_folder(args.qwen_dir, args.diffusers_dir, args.out, args.overwrite)
+        print(f"wrote {path}")
+        return 0
+    except TapestryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
