@@ -55,7 +55,7 @@ class DuetRecipe:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
-    vae: VAEConfig = field(default_factory=VAEConfig)
+    autoencoder: VAEConfig = field(default_factory=VAEConfig)  # `vae` is the run's codec key
     training: TrainingConfig = field(default_factory=TrainingConfig)
     target_size: list[int] = field(default_factory=lambda: [32, 32])
 
@@ -71,27 +71,6 @@ class DuetInputs:
     drop_last_chunk: bool = False
 
 
-_LAYOUT_CLASS = None
-
-
-def _duet_layout_config():
-    """LayoutConfig plus the duet config (the MLLM's image sizes) and the tokenizer the layout
-    used (prepare lays the same Documents out again, with pixels)."""
-    global _LAYOUT_CLASS
-    if _LAYOUT_CLASS is None:
-        from dataclasses import dataclass as dc
-
-        from tapestry.layout import LayoutConfig
-
-        @dc(frozen=True)
-        class DuetLayoutConfig(LayoutConfig):
-            duet: DuetConfig | None = None
-            state: dict = field(default_factory=dict, compare=False, repr=False)
-
-        _LAYOUT_CLASS = DuetLayoutConfig
-    return _LAYOUT_CLASS
-
-
 def _image_input(config: DuetConfig):
     from tapestry.models.duet.mllm import ImageInput
 
@@ -103,6 +82,10 @@ class DuetFamily:
     recipe = DuetRecipe
     param_groups = PARAM_GROUPS
 
+    def __init__(self):
+        self._configs: dict[Any, DuetConfig] = {}
+        self._tokenizers: dict[Any, Any] = {}
+
     # -- config and weights ---------------------------------------------------------------------
     def model_config(self, recipe: DuetRecipe, vocab_size: int, latent_channels: int = 0) -> DuetConfig:
         from dataclasses import replace
@@ -111,7 +94,7 @@ class DuetFamily:
 
         # latent channels are the model's own VAE's, not the run's codec
         return DuetConfig(mllm=replace(recipe.mllm, vocab_size=vocab_size), connector=recipe.connector,
-                          dit=recipe.dit, vae=resolve_pretrained(recipe.vae), training=recipe.training,
+                          dit=recipe.dit, vae=resolve_pretrained(recipe.autoencoder), training=recipe.training,
                           target_size=list(recipe.target_size)).validate()
 
     def load_config(self, folder: str | Path) -> DuetConfig:
@@ -144,15 +127,25 @@ class DuetFamily:
         kept["latent_patch"] = config.dit.patch_size[1]
         if downsample:
             kept["vae_downsample"] = downsample
-        return _duet_layout_config()(**kept, duet=config)
+        layout = LayoutConfig(**kept)
+        # the duet layout reads the MLLM's image sizes from the model config, which the protocol's
+        # layout() is not given: remember it under the (frozen, hashable) LayoutConfig
+        self._configs[layout] = config
+        return layout
+
+    def _config_of(self, layout) -> DuetConfig:
+        config = self._configs.get(layout)
+        if config is None:
+            raise ValueError("duet: layout() needs a LayoutConfig made by this family's layout_config()")
+        return config
 
     # -- training -------------------------------------------------------------------------------
     def layout(self, doc, tokenizer, layout, supervise_text: bool = True):
         """Document -> one SequenceLayout (a causal span; images as their image-pad runs)."""
         from tapestry.layout import DocumentPlacement, ImagePlacement, SequenceLayout, Span
 
-        config: DuetConfig = layout.duet
-        layout.state["tokenizer"] = tokenizer  # prepare lays the same Documents out again with pixels
+        config = self._config_of(layout)
+        self._tokenizers[layout] = tokenizer  # prepare lays the same Documents out again, with pixels
         tokens = DuetTokens.from_tokenizer(tokenizer)
         duet = layout_duet(doc, tokenizer, tokens, _image_input(config), pixels=False, supervise_text=supervise_text)
         merge = config.mllm.spatial_merge_size
@@ -168,7 +161,7 @@ class DuetFamily:
         """A packed row -> one DuetInputs per document (pixels processed, flow choices drawn)."""
         from tapestry.models.common.flow import sample_timesteps
 
-        config: DuetConfig = layout.duet
+        config = self._config_of(layout)
         image_input = _image_input(config)
         generator = generator or torch.Generator().manual_seed(0)
         shift = timestep_shift if timestep_shift != 1.0 else config.training.timestep_shift
@@ -195,9 +188,8 @@ class DuetFamily:
             out.append(DuetInputs(duet, pick, t, seed, drop))
         return out
 
-    @staticmethod
-    def tokenizer_of(layout):
-        tokenizer = getattr(layout, "state", {}).get("tokenizer")
+    def tokenizer_of(self, layout):
+        tokenizer = self._tokenizers.get(layout)
         if tokenizer is None:
             raise ValueError("prepare() before layout(): the duet family needs the tokenizer its layout used")
         return tokenizer
