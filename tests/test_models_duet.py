@@ -56,7 +56,7 @@ def _layout(model, tokenizer, doc, **kw):
 def test_packed_dit_equals_the_diffusers_forward_on_equal_frames(kind):
     torch.manual_seed(0)
     cfg = DiTConfig(kind=kind, concat_padding_mask=False, max_size=[8, 16, 16],
-                    extra_pos_embed_type="learnable" if kind == "cosmos" else None)
+                    extra_pos_embed_type="learnable" if kind == "cosmos" else "")
     dit = PackedDiT(cfg).eval()
     frames = [torch.randn(4, 8, 6) for _ in range(3)]
     times = torch.tensor([0.0, 0.0, 0.7])

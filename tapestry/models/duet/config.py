@@ -185,7 +185,7 @@ class DiTConfig:
     rope_scale: list[float] = field(default_factory=lambda: [1.0, 3.0, 3.0])
     condition_mask: bool = True  # Cosmos-Predict2/2.5: one input channel marks condition frames
     concat_padding_mask: bool = True
-    extra_pos_embed_type: str | None = None  # None (2.5) | "learnable" (1.0 / 2.0)
+    extra_pos_embed_type: str = ""  # "" (none: 2.5) | "learnable" (1.0 / 2.0)
     use_crossattn_projection: bool = False  # Cosmos-2.5: Linear(all Qwen layers -> 1024) + GELU
     crossattn_proj_in_channels: int = 1024
     # the flow time t in [0, 1] is fed to the time embedding times this (Wan 1000, Cosmos-2.5 1)
@@ -214,8 +214,8 @@ class DiTConfig:
             raise DuetConfigError(f"dit.patch_size must be [1, ph, pw] (images are single frames), got {self.patch_size}")
         if self.kind == "wan" and self.head_dim % 6 and (self.head_dim - 4 * (self.head_dim // 6)) % 2:
             raise DuetConfigError(f"dit.head_dim {self.head_dim} does not split into Wan's t/h/w rotary parts")
-        if self.extra_pos_embed_type not in (None, "learnable"):
-            raise DuetConfigError("dit.extra_pos_embed_type must be null or learnable")
+        if self.extra_pos_embed_type not in ("", "learnable"):
+            raise DuetConfigError('dit.extra_pos_embed_type must be "" (none) or "learnable"')
 
     def diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments of the diffusers model class (what its `config.json` holds)."""
@@ -232,7 +232,7 @@ class DiTConfig:
             num_attention_heads=self.num_heads, attention_head_dim=self.head_dim, num_layers=self.num_layers,
             mlp_ratio=self.mlp_ratio, text_embed_dim=self.text_dim, adaln_lora_dim=self.adaln_lora_dim,
             max_size=tuple(self.max_size), patch_size=tuple(self.patch_size), rope_scale=tuple(self.rope_scale),
-            concat_padding_mask=self.concat_padding_mask, extra_pos_embed_type=self.extra_pos_embed_type,
+            concat_padding_mask=self.concat_padding_mask, extra_pos_embed_type=self.extra_pos_embed_type or None,
             use_crossattn_projection=self.use_crossattn_projection,
             crossattn_proj_in_channels=self.crossattn_proj_in_channels,
             encoder_hidden_states_channels=self.text_dim,

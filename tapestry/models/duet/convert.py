@@ -264,7 +264,7 @@ def dit_config_from_diffusers(folder: str | Path) -> DiTConfig:
         cfg.mlp_ratio, cfg.adaln_lora_dim = float(g("mlp_ratio", 4.0)), int(g("adaln_lora_dim", 256))
         cfg.max_size, cfg.rope_scale = list(g("max_size")), [float(v) for v in g("rope_scale")]
         cfg.concat_padding_mask = bool(g("concat_padding_mask", True))
-        cfg.extra_pos_embed_type = g("extra_pos_embed_type")
+        cfg.extra_pos_embed_type = g("extra_pos_embed_type") or ""
         cfg.use_crossattn_projection = bool(g("use_crossattn_projection", False))
         cfg.crossattn_proj_in_channels = int(g("crossattn_proj_in_channels", 1024))
         if g("img_context_dim_in") or g("controlnet_block_every_n"):

@@ -48,6 +48,38 @@ NEGATIVE = "uncond"
 
 
 @dataclass
+class AutoencoderRecipe:
+    """The DiT's autoencoder as a training config names it (TOML-friendly fields). A `pretrained`
+    folder (ToyAutoencoder or diffusers vae/) gives kind-specific sizes and weights; otherwise
+    the AutoencoderKLWan sizes below build a fresh, frozen one (smoke runs)."""
+
+    kind: str = "wan"  # wan | cosmos | toy
+    pretrained: str = ""
+    base_dim: int = 8
+    z_dim: int = 4
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 1
+    temperal_downsample: list[bool] = field(default_factory=lambda: [False])
+    scale_factor_spatial: int = 4
+    latents_mean: list[float] = field(default_factory=list)  # empty: zeros
+    latents_std: list[float] = field(default_factory=list)  # empty: ones
+
+    def to_vae_config(self) -> VAEConfig:
+        from tapestry.models.duet.vae import resolve_pretrained
+
+        if self.pretrained:
+            return resolve_pretrained(VAEConfig(kind=self.kind, config={}, pretrained=self.pretrained))
+        if self.kind != "wan":
+            raise ValueError(f"model.autoencoder: kind {self.kind!r} needs a pretrained folder")
+        config = dict(base_dim=self.base_dim, z_dim=self.z_dim, dim_mult=list(self.dim_mult),
+                      num_res_blocks=self.num_res_blocks, temperal_downsample=list(self.temperal_downsample),
+                      scale_factor_spatial=self.scale_factor_spatial,
+                      latents_mean=list(self.latents_mean) or [0.0] * self.z_dim,
+                      latents_std=list(self.latents_std) or [1.0] * self.z_dim)
+        return VAEConfig(kind="wan", config=config)
+
+
+@dataclass
 class DuetRecipe:
     """The [model] keys of a training config for `family = "duet"` (sizes; ids come from the
     tokenizer, vocab_size too)."""
@@ -55,7 +87,7 @@ class DuetRecipe:
     mllm: MLLMConfig = field(default_factory=MLLMConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
-    autoencoder: VAEConfig = field(default_factory=VAEConfig)  # `vae` is the run's codec key
+    autoencoder: AutoencoderRecipe = field(default_factory=AutoencoderRecipe)  # `vae` is the run's codec key
     training: TrainingConfig = field(default_factory=TrainingConfig)
     target_size: list[int] = field(default_factory=lambda: [32, 32])
 
@@ -90,11 +122,9 @@ class DuetFamily:
     def model_config(self, recipe: DuetRecipe, vocab_size: int, latent_channels: int = 0) -> DuetConfig:
         from dataclasses import replace
 
-        from tapestry.models.duet.vae import resolve_pretrained
-
         # latent channels are the model's own VAE's, not the run's codec
         return DuetConfig(mllm=replace(recipe.mllm, vocab_size=vocab_size), connector=recipe.connector,
-                          dit=recipe.dit, vae=resolve_pretrained(recipe.autoencoder), training=recipe.training,
+                          dit=recipe.dit, vae=recipe.autoencoder.to_vae_config(), training=recipe.training,
                           target_size=list(recipe.target_size)).validate()
 
     def load_config(self, folder: str | Path) -> DuetConfig:
