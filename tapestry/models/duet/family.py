@@ -103,10 +103,20 @@ class DuetInputs:
     drop_last_chunk: bool = False
 
 
+_IMAGE_INPUTS: dict[str, Any] = {}
+
+
 def _image_input(config: DuetConfig):
+    """One image processor per MLLM config (layout() runs once per document drawn)."""
+    import json as _json
+    from dataclasses import asdict
+
     from tapestry.models.duet.mllm import ImageInput
 
-    return ImageInput(config.mllm)
+    key = _json.dumps(asdict(config.mllm), sort_keys=True)
+    if key not in _IMAGE_INPUTS:
+        _IMAGE_INPUTS[key] = ImageInput(config.mllm)
+    return _IMAGE_INPUTS[key]
 
 
 class DuetFamily:
