@@ -320,7 +320,7 @@ def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
     assert {FAMILY.group_of(n) for n, _ in model.named_parameters()} == set(FAMILY.param_groups)
 
 
-def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path):
+def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys):
     from tokenizers import AddedToken
 
     from tapestry.models.common.tokenizer import QWEN2_SPECIALS, TextTokenizer
@@ -336,6 +336,8 @@ def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path):
     convert.write_diffusers(source.vae.net, tmp_path / "wan" / "vae")
     convert.write_model_index(tmp_path / "wan", "WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan")
 
+    assert convert.main([str(qwen), str(tmp_path / "wan")]) == 0  # coverage from headers only
+    assert capsys.readouterr().out.count("keys: complete (0 missing, 0 unexpected, 0 shape mismatch)") == 3
     out = tmp_path / "duet"
     assert convert.main([str(qwen), str(tmp_path / "wan"), "--out", str(out)]) == 0
     assert convert.main([str(qwen), str(tmp_path / "wan"), "--out", str(out)]) == 2  # refuses a full folder

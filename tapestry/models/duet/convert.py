@@ -386,6 +386,39 @@ def import_folder(qwen_dir: str | Path, diffusers_dir: str | Path, out: str | Pa
     return out
 
 
+def coverage_lines(qwen_dir: str | Path, diffusers_dir: str | Path) -> list[str]:
+    """What each published folder holds and how its keys (headers only) cover the duet part it
+    fills; the parts are built on the meta device, so a 7B model costs no memory here."""
+    import torch
+
+    from tapestry.models.duet.dit import build_diffusers_dit
+    from tapestry.models.duet.mllm import DuetMLLM
+    from tapestry.models.duet.vae import build_vae
+
+    diffusers_dir = Path(diffusers_dir)
+    mllm_cfg = mllm_config_from_qwen(qwen_dir)
+    dit_cfg = dit_config_from_diffusers(diffusers_dir / "transformer")
+    vae_cfg = vae_config_from_diffusers(diffusers_dir / "vae")
+    with torch.device("meta"):
+        mllm, dit, vae = DuetMLLM(mllm_cfg), build_diffusers_dit(dit_cfg), build_vae(vae_cfg, load_pretrained=False)
+    reports = [
+        (f"qwen2.5-vl {qwen_dir}: {mllm_cfg.num_layers} layers, hidden {mllm_cfg.hidden_size}, "
+         f"vocab {mllm_cfg.vocab_size}", qwen_coverage(qwen_dir, mllm)),
+        (f"transformer {diffusers_dir / 'transformer'}: {dit_cfg.kind}, {dit_cfg.num_layers} layers, width "
+         f"{dit_cfg.inner_dim}, text context {dit_cfg.context_dim}", diffusers_coverage(diffusers_dir / "transformer", dit)),
+        (f"vae {diffusers_dir / 'vae'}: {vae_cfg.kind}, {vae.latent_channels} latent channels, x{vae.downsample}",
+         diffusers_coverage(diffusers_dir / "vae", vae.net)),
+    ]
+    lines = []
+    for title, report in reports:
+        lines.append(title)
+        lines.append(f"  keys: {'complete' if report.ok else 'INCOMPLETE'} ({len(report.missing)} missing, "
+                     f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} shape mismatch)")
+        if not report.ok:
+            lines.extend("  " + line for line in report.describe().splitlines())
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m tapestry.models.duet.convert QWEN_DIR DIFFUSERS_DIR --out DIR [--overwrite]"""
     import argparse
@@ -403,14 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not args.out:
-            from tapestry.models.duet.model import DuetModel  # noqa: F401 - coverage only needs the shapes
-
-            mllm_cfg = mllm_config_from_qwen(args.qwen_dir)
-            print(f"qwen2.5-vl: {mllm_cfg.num_layers} layers, hidden {mllm_cfg.hidden_size}, "
-                  f"vocab {mllm_cfg.vocab_size}")
-            dit_cfg = dit_config_from_diffusers(Path(args.diffusers_dir) / "transformer")
-            print(f"dit: {dit_cfg.kind}, {dit_cfg.num_layers} layers, width {dit_cfg.inner_dim}, "
-                  f"context {dit_cfg.context_dim}")
+            for line in coverage_lines(args.qwen_dir, args.diffusers_dir):
+                print(line)
             return 0
         path = import_folder(args.qwen_dir, args.diffusers_dir, args.out, args.overwrite)
         print(f"wrote {path}")

@@ -101,7 +101,7 @@ def mrope_positions(ids: Tensor, grids: list[Tensor], image_token_id: int, merge
 @dataclass
 class MLLMOutput:
     logits: Tensor  # [B, L, V]
-    layers: list[Tensor]  # one [B, L, D] per decoder layer (after each layer; the last after the norm)
+    layers: list[Tensor]  # one [B, L, D] per decoder layer, as transformers' hidden_states[1:] gives them
     cache: object | None = None
 
 
