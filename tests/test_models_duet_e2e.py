@@ -15,7 +15,7 @@ from tapestry.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = ["data.budget=256", "data.rows=1", "data.lookahead=64", "stages.0.steps=2", "stages.1.steps=2",
-             "checkpoint.every=1", "model.tokenizer_docs=40"]
+             "checkpoint.every=1", "checkpoint.keep=4", "model.tokenizer_docs=40"]
 
 pytestmark = pytest.mark.slow
 
