@@ -348,3 +348,22 @@ def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys):
     assert emb.shape[0] == qwen_tok.vocab_size + 1
     assert torch.equal(emb[:-1], source.mllm.hf.get_input_embeddings().weight)
     assert torch.equal(model.dit.net.proj_out.weight, source.dit.net.proj_out.weight)
+
+
+def test_initialize_loads_the_recipes_pretrained_toy_autoencoder(tmp_path, tokenizer):
+    from dataclasses import replace
+
+    from tapestry.models.duet.family import AutoencoderRecipe
+    from tapestry.models.vae.toy import ToyAEConfig, ToyAutoencoder
+
+    torch.manual_seed(5)
+    ae = ToyAutoencoder(ToyAEConfig(channels=(8, 8, 8), encoder_blocks=(0, 0, 0), decoder_blocks=(0, 0, 0),
+                                    latent_channels=4, norm_groups=4, resolution=32))
+    ae.save_pretrained(tmp_path / "ae")
+    recipe = replace(DuetRecipe(), autoencoder=AutoencoderRecipe(kind="toy", pretrained=str(tmp_path / "ae")))
+    config = FAMILY.model_config(recipe, tokenizer.vocab_size)
+    assert config.vae.kind == "toy" and config.vae.config["latent_channels"] == 4  # self-contained config
+    model = FAMILY.build(config)
+    FAMILY.initialize(model, recipe)
+    assert all(torch.equal(a, b) for a, b in zip(model.vae.net.state_dict().values(), ae.state_dict().values()))
+    assert not any(p.requires_grad for p in model.vae.parameters())

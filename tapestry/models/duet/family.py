@@ -141,7 +141,15 @@ class DuetFamily:
         return DuetConfig.load(Path(folder) / CONFIG_NAME)
 
     def build(self, config: DuetConfig) -> DuetModel:
-        return DuetModel(config)
+        return DuetModel(config, load_pretrained=False)  # may run on the meta device: no file reads
+
+    def initialize(self, model: DuetModel, recipe: DuetRecipe) -> None:
+        """The recipe's pretrained autoencoder weights into a fresh model (the MLLM and DiT of a
+        real run come from `init_from`, an imported folder)."""
+        from tapestry.models.duet.vae import load_vae_weights
+
+        if recipe.autoencoder.pretrained:
+            load_vae_weights(model.vae, model.config.vae, recipe.autoencoder.pretrained)
 
     def from_pretrained(self, folder: str | Path, device: Any = "cpu") -> DuetModel:
         return DuetModel.from_pretrained(folder, device)

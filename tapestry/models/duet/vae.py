@@ -104,3 +104,16 @@ def build_vae(config: VAEConfig, load_pretrained: bool = True) -> nn.Module:
 
         load_diffusers(config.pretrained, vae.net)
     return vae
+
+
+def load_vae_weights(vae: nn.Module, config: VAEConfig, folder: str) -> None:
+    """Trained weights from `folder` into a built VAE wrapper (strict keys)."""
+    if config.kind == "toy":
+        from tapestry.models.vae.toy import ToyAutoencoder
+
+        trained = ToyAutoencoder.from_pretrained(folder)
+        vae.net.load_state_dict(trained.state_dict(), strict=True)
+        return
+    from tapestry.models.duet.convert import load_diffusers
+
+    load_diffusers(folder, vae.net)
