@@ -419,3 +419,12 @@ class DuetRuntime:
 
 
 FAMILY = DuetFamily()
+
+
+def _register() -> None:
+    from tapestry.models import family as families
+
+    families.register(FAMILY)
+
+
+_register()
