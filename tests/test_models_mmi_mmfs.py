@@ -92,13 +92,14 @@ def test_a_later_image_never_changes_earlier_tokens_bitwise():
     assert not torch.allclose(out[0, 4], out2[0, 4])  # token 4 reads image 1: it must change
 
 
-def test_tokens_that_see_no_image_get_exactly_zero_before_projection():
+def test_tokens_that_see_no_image_read_exactly_zero_as_with_no_images_at_all():
     mod, feats, x, visible = _setup()
     with torch.no_grad():
-        nn_out = mod(x, [v[None] for v in mod.values(feats)], visible)
-    expected = mod.out.bias.expand(2, -1)  # Wo·0 + b
-    assert torch.equal(nn_out[0, :2], expected)
-    assert not torch.equal(nn_out[0, 2], mod.out.bias)
+        out = mod(x, [v[None] for v in mod.values(feats)], visible)
+        none = mod(x, [v[None, :0] for v in mod.values(feats)], visible[:, :, :0])
+    assert torch.equal(out[0, :2], torch.zeros(2, 16))
+    assert torch.equal(none, torch.zeros_like(x))
+    assert out[0, 2].abs().sum() > 0
 
 
 def test_gate_zero_is_identity_bitwise_and_gate_opens_with_training():

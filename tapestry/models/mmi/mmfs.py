@@ -90,7 +90,7 @@ class MMFS(nn.Module):
         self.logits = nn.Linear(dim, heads * levels * points)
         self.null_logit = nn.Linear(dim, heads)
         self.value = nn.Linear(feature_dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim, bias=False)  # no bias: nothing visible reads exactly zero
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
@@ -127,7 +127,7 @@ class MMFS(nn.Module):
         m = values[0].shape[1]
         h, lv, k = self.heads, self.levels, self.points
         if m == 0:
-            return torch.zeros_like(x)
+            return torch.zeros_like(x)  # what every masked slot gives too (no output bias)
         if image_index is None:
             image_index = torch.arange(m, device=x.device).expand(b, m)
         if int(image_index.max()) >= self.max_images:
@@ -166,7 +166,5 @@ class GatedMMFS(nn.Module):
 
     def forward(self, x: Tensor, values: list[Tensor], visible: Tensor,
                 image_index: Tensor | None = None) -> Tensor:
-        if values[0].shape[1] == 0:
-            return x
         update = self.mmfs(self.norm(x), values, visible, image_index=image_index)
         return x + torch.tanh(self.gate).to(x.dtype) * update
