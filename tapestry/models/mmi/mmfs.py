@@ -134,12 +134,15 @@ class MMFS(nn.Module):
             raise ValueError(f"MMFS was built for at most {self.max_images} images per document")
         if reference is None:
             reference = x.new_full((b, t, 2), 0.5)
-        # q: [B, M, T, D]
-        q = self.query(x)[:, None] + self.image_embed(image_index)[:, :, None]
-        offsets = self.offsets(q).view(b, m, t, h, lv, k, 2)
+        # q(m) = Wq·f + PosEmbed(m) is linear, so W·q(m) = W·Wq·f + W·PosEmbed(m): the
+        # projections run once per token and once per image instead of per (token, image) pair.
+        qx = self.query(x)  # [B, T, D]
+        embed = self.image_embed(image_index)  # [B, M, D]
+        offsets = (self.offsets(qx)[:, None] + F.linear(embed, self.offsets.weight)[:, :, None])
+        offsets = offsets.view(b, m, t, h, lv, k, 2)
         sizes = torch.tensor([[v.shape[-1], v.shape[-2]] for v in values], dtype=x.dtype, device=x.device)
         locations = reference[:, None, :, None, None, None, :] + offsets / sizes[:, None, :]  # [B, M, T, H, L, K, 2]
-        logits = self.logits(q).view(b, m, t, h, lv * k)
+        logits = (self.logits(qx)[:, None] + F.linear(embed, self.logits.weight)[:, :, None]).view(b, m, t, h, lv * k)
         hidden = ~visible.transpose(1, 2)[:, :, :, None, None]  # [B, M, T, 1, 1]
         logits = logits.masked_fill(hidden, float("-inf"))
         null = self.null_logit(x).view(b, t, h, 1)
