@@ -73,11 +73,8 @@ from torch import Tensor
 from tapestry.errors import TapestryError
 
 # name -> module that registers it when imported (the families that ship in the package)
-<<<<<<< ours
-BUILTIN: dict[str, str] = {"mot": "tapestry.models.mot.family"}
-=======
-BUILTIN: dict[str, str] = {"mot": "tapestry.models.mot.family", "duet": "tapestry.models.duet.family"}
->>>>>>> theirs
+BUILTIN: dict[str, str] = {"mot": "tapestry.models.mot.family", "duet": "tapestry.models.duet.family",
+                            "mmi": "tapestry.models.mmi.family"}
 DEFAULT_FAMILY = "mot"
 
 

@@ -33,7 +33,7 @@ def _from_dict(cls, data: Any, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**data)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -57,11 +57,11 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     feature_dim: int = 32  # channels of every pyramid level (what MMFS samples)
-    levels: tuple[int, ...] = (2, 3, 4)  # level i has side image_size / 2^(i+1)
+    levels: list[int] = field(default_factory=lambda: [2, 3, 4])  # level i has side image_size / 2^(i+1)
     norm_groups: int = 8
 
     def __post_init__(self) -> None:
-        self.levels = tuple(self.levels)
+        self.levels = list(self.levels)
 
     def level_sides(self) -> list[int]:
         return [self.image_size // 2 ** (i + 1) for i in self.levels]
@@ -140,9 +140,9 @@ class DecoderConfig:
 
     latent_channels: int = 4
     sample_size: int = 8  # latent side the UNet is built for (any multiple of 2^(blocks-1) runs)
-    block_out_channels: tuple[int, ...] = (32, 64)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
-    attention_head_dim: tuple[int, ...] = (2, 4)
+    attention_head_dim: list[int] = field(default_factory=lambda: [2, 4])
     cross_attention_dim: int = 32
     norm_num_groups: int = 8
     tokens: int = 77  # conditional tokens per image (SD's text length)
@@ -159,8 +159,8 @@ class DecoderConfig:
     beta_schedule: str = "scaled_linear"
 
     def __post_init__(self) -> None:
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.attention_head_dim = tuple(self.attention_head_dim)
+        self.block_out_channels = list(self.block_out_channels)
+        self.attention_head_dim = list(self.attention_head_dim)
 
     def unet_kwargs(self) -> dict[str, Any]:
         n = len(self.block_out_channels)
@@ -168,8 +168,8 @@ class DecoderConfig:
             sample_size=self.sample_size, in_channels=self.latent_channels, out_channels=self.latent_channels,
             down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
-            attention_head_dim=self.attention_head_dim, cross_attention_dim=self.cross_attention_dim,
+            block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
+            attention_head_dim=tuple(self.attention_head_dim), cross_attention_dim=self.cross_attention_dim,
             norm_num_groups=self.norm_num_groups, use_linear_projection=True,  # SD 2.x
         )
 
@@ -193,12 +193,10 @@ class MMIConfig:
     mmfs: MMFSConfig = field(default_factory=MMFSConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     use_mmfs: bool = True  # the ablation switch: False builds no MMFS anywhere
-    nip_weight: float = 10.0  # λ in L = NTP + λ·NIP
-    condition_dropout: float = 0.1  # image conditions replaced by the learned negative
     skip_first_image: str = "first_image"  # "first_image" (DESIGN) or "leading_image" (paper: image first in sequence)
-    text_loss: str = "all"  # "all" text (paper) or only "target" text
     image_loss: str = "all"  # NIP on "all" images but the skipped first one, or only "target" images
-    cfg_scale: float = 3.5
+    # λ = 10 of NTP + λ·NIP, 10 % text dropout and CFG 3.5 live in the training / generation
+    # settings (stages.loss_weights.image, dropout.policy = "mmi", --guidance cfg).
 
     SECTIONS = ("vision", "resampler", "llm", "mmfs", "decoder")
 
@@ -216,11 +214,9 @@ class MMIConfig:
         if self.llm.hidden_size % self.mmfs.heads:
             raise ConfigError(f"llm.hidden_size {self.llm.hidden_size} must divide into mmfs.heads {self.mmfs.heads}")
         for name, allowed in (("skip_first_image", ("first_image", "leading_image")),
-                              ("text_loss", ("all", "target")), ("image_loss", ("all", "target"))):
+                              ("image_loss", ("all", "target"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ConfigError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,13 +266,13 @@ def real_layout() -> MMIConfig:
     """The paper's components: CLIP-ViT-L/14 at 224, Vicuna-13B, SD 2.1 (768, v-prediction)."""
     return MMIConfig(
         vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
-                            image_size=224, feature_dim=1024, norm_groups=32),
+                            image_size=224, feature_dim=1024, norm_groups=32),  # levels 2, 3, 4: 28², 14², 7²
         resampler=ResamplerConfig(queries=64, blocks=12, dim=1024, heads=16),
         llm=LLMConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
                       num_kv_heads=40),
         mmfs=MMFSConfig(),
-        decoder=DecoderConfig(sample_size=96, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                              attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, norm_num_groups=32,
+        decoder=DecoderConfig(sample_size=96, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                              attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, norm_num_groups=32,
                               resampler_heads=16, mmfs_dim=320, mmfs_heads=16, mmfs_points=8,
                               prediction_type="v_prediction"),
     )

@@ -127,9 +127,9 @@ def sd_unet_fields(folder: Path) -> dict[str, Any]:
         if data.get(flag) != value:
             raise ConvertError(f"{path}: {flag} = {data.get(flag)!r}, the SD 2.x layout has {value!r}")
     head = data.get("attention_head_dim", 8)
-    heads = tuple(head) if isinstance(head, (list, tuple)) else (head,) * n
+    heads = list(head) if isinstance(head, (list, tuple)) else [head] * n
     return dict(latent_channels=data["in_channels"], sample_size=data["sample_size"],
-                block_out_channels=tuple(data["block_out_channels"]), layers_per_block=data["layers_per_block"],
+                block_out_channels=list(data["block_out_channels"]), layers_per_block=data["layers_per_block"],
                 attention_head_dim=heads, cross_attention_dim=data["cross_attention_dim"],
                 norm_num_groups=data.get("norm_num_groups", 32))
 

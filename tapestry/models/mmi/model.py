@@ -405,7 +405,7 @@ class MMIModel(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from tapestry.models.common.checkpoint import CheckpointError, checkpoint_files, load_state_strict
+        from tapestry.models.common.checkpoint import CheckpointError, checkpoint_files
 
         config_path, weights_path = checkpoint_files(folder)
         config = MMIConfig.load(config_path)
@@ -413,6 +413,14 @@ class MMIModel(nn.Module):
             state = load_file(str(weights_path), device=str(device))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{weights_path}: cannot read ({exc})") from None
-        model = cls(config)  # built for real (not meta): non-persistent buffers need values
-        load_state_strict(model, state, str(weights_path))
-        return model.to(device).eval()
+        return cls.from_state_dict(config, state, str(weights_path)).to(device).eval()
+
+    @classmethod
+    def from_state_dict(cls, config: MMIConfig, state: dict[str, Tensor], source: str = "<state dict>") -> "MMIModel":
+        """A model holding exactly `state` (strict keys). Built for real, not on the meta device:
+        the non-persistent buffers (CLIP normalization, rotary frequencies) need their values."""
+        from tapestry.models.common.checkpoint import load_state_strict
+
+        model = cls(config)
+        load_state_strict(model, state, source)
+        return model
