@@ -19,9 +19,10 @@ sizes travel in the layout, set by `layout_config` from the model):
     target_size      (height, width) of generated images that declare none
     text_loss        "targets" or "all" (the paper trains on all text)
 
-Loss parts: "text" (CE summed over supervised tokens) and "image" (squared error of the UNet's
-ε / v prediction summed over latent elements of every NIP image); the paper's λ = 10 is the
-training stage's `loss_weights = { image = 10.0 }` (configs/mmi-*.toml).
+Loss parts: "text" (CE summed over supervised tokens) and "flow" — the image part, named as
+every family's image-generation part is in train/ (its `flow_weight`, logs, validation): here
+the squared error of the UNet's ε / v prediction (the paper's NIP, Eq. 3) summed over the latent
+elements of every NIP image. The paper's λ = 10 is the stage's `flow_weight = 10.0`.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def lm_forward(model: MMIModel, batch: Sequence[RowInputs]) -> tuple[Tensor, Ima
 
 
 def loss_sums(model: MMIModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
-    """{"text": CE summed over supervised tokens, "image": squared error summed over the latent
+    """{"text": CE summed over supervised tokens, "flow": NIP squared error summed over the latent
     elements of every NIP image}; train/loss.py divides by `loss_counts` and weighs them."""
     device, cfg = model.device, model.config
     rows = [inputs.row for inputs in batch]
@@ -291,7 +292,7 @@ def loss_sums(model: MMIModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
         target = noise if cfg.decoder.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         prediction = model.decoder(x_t, t, cond, dec_memory, dec_visible)
         image = (prediction.float() - target.float()).pow(2).sum()
-    return {"text": text, "image": image}
+    return {"text": text, "flow": image}
 
 
 def loss_counts(rows: Sequence[SequenceLayout], config: MMIConfig) -> dict[str, int]:
@@ -307,7 +308,7 @@ def loss_counts(rows: Sequence[SequenceLayout], config: MMIConfig) -> dict[str, 
             first = index == 0 if config.skip_first_image == "first_image" else leading
             if not first and (config.image_loss == "all" or p.role == "target"):
                 images += 1
-    return {"text": text, "image": images * d.latent_channels * d.sample_size**2}
+    return {"text": text, "flow": images * d.latent_channels * d.sample_size**2}
 
 
 # ---------------------------------------------------------------------------------------------
