@@ -561,6 +561,10 @@ class MMIFamily:
     def build(self, config: MMIConfig) -> MMIModel:
         return MMIModel(config)
 
+    def initialize(self, model: MMIModel, recipe: MMIRecipe) -> None:
+        """No recipe key names pretrained parts yet (convert.build_from_components loads them)."""
+        return None
+
     def from_pretrained(self, folder: str | Path, device="cpu") -> MMIModel:
         return MMIModel.from_pretrained(folder, device=device)
 
