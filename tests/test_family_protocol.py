@@ -70,11 +70,7 @@ def test_train_infer_and_eval_import_no_family():
 
 
 def test_unknown_families_are_named_with_the_known_ones(tiny):
-<<<<<<< ours
-    with pytest.raises(families.FamilyError, match=r"unknown model family 'nope'; known families: mot, tiny"):
-=======
-    with pytest.raises(families.FamilyError, match=r"unknown model family 'nope'; known families: duet, mot, tiny"):
->>>>>>> theirs
+    with pytest.raises(families.FamilyError, match=r"unknown model family 'nope'; known families: duet, mmi, mot, tiny"):
         families.get("nope")
     assert families.family_name({"format": "tapestry.mot"}) == "mot"  # config.json before the field
 
