@@ -51,8 +51,13 @@ def test_oracle_scores_one_and_json_has_the_issue_shape(tmp_path):
                                  str(tmp_path / "o"), "--json", "--bootstrap", "200"])
     assert result.exit_code == 0, result.output
     summary = _json(result)
-    assert set(summary) == {"overall", "tasks", "ci95"}
+    assert set(summary) == {"overall", "tasks", "ci95", "exact"}
     assert summary["overall"] >= 0.99
+    exact = summary["exact"]  # the strict figure beside the graded one, in the same shape (issue 20)
+    assert exact["overall"] == 1.0 and exact["tasks"]["compose"] == {"inline": 1.0, "image_first": 1.0}
+    assert set(exact["tasks"]) == set(summary["tasks"]) and exact["ci95"]["story"]["interleaved"] == [1.0, 1.0]
+    assert exact["persistence_exact"] == {"story": {"interleaved": 1.0}}
+    assert exact["count_exact"] == {"howto": {"interleaved": 1.0}}
     assert set(summary["tasks"]) == {"compose", "story", "edit", "understand", "howto"}
     assert set(summary["tasks"]["compose"]) == {"inline", "image_first"}
     assert summary["tasks"]["story"] == {"interleaved": summary["tasks"]["story"]["interleaved"]}
@@ -65,6 +70,8 @@ def test_oracle_scores_one_and_json_has_the_issue_shape(tmp_path):
     assert len((out / "scores.jsonl").read_text().splitlines()) == 16  # 2 scenes x (2+1+2+2+1) layouts
     report = (out / "report.md").read_text()
     assert "tapestry eval toyworld --checkpoint oracle" in report and "--n 2" in report and "baseline:oracle" in report
+    assert "| compose | inline | 2 | 1.000 | [1.000, 1.000] | 1.000 | [1.000, 1.000] | - |" in report
+    assert "| howto | interleaved | 2 | 1.000 | [1.000, 1.000] | 1.000 | [1.000, 1.000] | image count exact 1.000 |" in report
     assert "data:image/png;base64" in (out / "report.html").read_text()
 
 

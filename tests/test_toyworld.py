@@ -14,7 +14,7 @@ from tapestry.errors import TapestryError
 from tapestry.toyworld.judge import analyse_image, judge_image, score_scene
 from tapestry.toyworld.render import render_layers, render_scene, render_scene_array
 from tapestry.toyworld.sampling import random_scene
-from tapestry.toyworld.selftest import CORRUPTIONS, corrupt, run_self_test
+from tapestry.toyworld.selftest import CORRUPTIONS, SPEC_CORRUPTIONS, corrupt, run_self_test
 from tapestry.toyworld.spec import (
     BACKGROUND_COLOURS,
     BACKGROUND_KINDS,
@@ -175,7 +175,7 @@ def test_garbage_images_do_not_crash_and_score_low():
     assert grey <= 0.6 and judge_image(scene, good.convert("RGBA"))["total"] >= 0.97
 
 
-@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("kind", SPEC_CORRUPTIONS)
 def test_each_corruption_breaks_its_attribute_and_lowers_the_total(kind):
     rng = np.random.default_rng(9)
     for scene in scenes(3, seed=10, rotate=True, count=(2, 4)):
@@ -201,5 +201,7 @@ def test_self_test_meets_the_thresholds():
     assert report["ok"], report["failures"]
     assert set(report) >= {"clean_mean", "clean_min", "corruptions", "degraded"}
     assert set(report["corruptions"]) == set(CORRUPTIONS)
-    for row in report["corruptions"].values():
-        assert set(row) == {"total", "attribute"} and row["attribute"] <= 0.5
+    assert report["clean_exact"] >= 0.99 and report["degraded"]["exact_full_chroma"] >= 0.9
+    for name, row in report["corruptions"].items():
+        assert set(row) == {"total", "attribute", "exact", "n"} and row["attribute"] <= 0.5
+        assert row["n"] >= 1 and row["exact"] == 0.0, name

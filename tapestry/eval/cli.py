@@ -108,7 +108,7 @@ def toyworld(
     scale: list[str] = typer.Option([], "--scale", help="A guidance scale NAME=VALUE (gamma_txt=8, s1=4, ...). Repeat."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (resumable: rerun the same command after a kill)."),
-    json_output: bool = typer.Option(False, "--json", help="Print {overall, tasks: {task: {layout: mean}}, ci95} only."),
+    json_output: bool = typer.Option(False, "--json", help="Print {overall, tasks: {task: {layout: mean}}, ci95, exact: {the same, strict}} only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate the ToyWorld benchmark with a checkpoint and score it with the exact judge.
@@ -134,14 +134,25 @@ def toyworld(
         print(json.dumps(json_summary(summary)))
     else:
         console = Console(soft_wrap=True, highlight=False)
-        console.print(f"overall {summary['overall']['mean']} (95% CI {summary['overall']['ci95']}, "
-                      f"n={summary['overall']['n']}, missing {len(summary['missing'])})")
+        exact = summary["overall"]["exact"]
+        console.print(f"overall graded {summary['overall']['mean']} (95% CI {summary['overall']['ci95']}), "
+                      f"exact {exact['mean']} (95% CI {exact['ci95']}); n={summary['overall']['n']}, "
+                      f"missing {len(summary['missing'])}")
         for task, by in summary["layouts"].items():
             for lay, block in by.items():
-                console.print(f"  {task + '/' + lay:24s} n={block['n']:4d}  mean {block['mean']}  ci95 {block['ci95']}")
+                console.print(f"  {task + '/' + lay:24s} n={block['n']:4d}  graded {block['mean']} {block['ci95']}  "
+                              f"exact {block['exact']['mean']} {block['exact']['ci95']}{_also(block)}")
         console.print(f"counts {summary['counts']}; report: {escape(str(out / 'report.md'))}")
     if summary["missing"]:
         raise typer.Exit(1)
+
+
+def _also(block: dict) -> str:
+    """Story's persistence and how-to's image count, strict, when the block has them."""
+    parts = [f"{name} {block[key]['mean']}" for key, name in (("persistence_exact", "persistence exact"),
+                                                            ("count_exact", "image count exact"))
+             if (block.get(key) or {}).get("mean") is not None]
+    return ("  " + "  ".join(parts)) if parts else ""
 
 
 @ablation_app.command("placement")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tapestry.atomic import atomic_file, atomic_write_text
-from tapestry.toyworld.evaluate import bootstrap_ci
+from tapestry.toyworld.evaluate import bootstrap_ci, strict_blocks
 
 
 def mean_ci(values: list[float], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -33,29 +33,49 @@ def layout_key(layout: str | None) -> str:
 
 
 def summarize_toyworld(results: Iterable[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Overall, per task and per task/layout; a missing sample is listed, never averaged in."""
+    """Overall, per task and per task/layout; a missing sample is listed, never averaged in.
+    Each block holds the graded {n, mean, ci95} and the strict figures beside it: "exact"
+    ({n, mean, ci95}), and story's "persistence_exact" / how-to's "count_exact"."""
     results = list(results)
     scored = [r for r in results if "total" in r]
     missing = [{"id": r["id"], "reason": r["missing"]} for r in results if "total" not in r]
-    tasks: dict[str, dict[str, list[float]]] = {}
+    tasks: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in scored:
-        tasks.setdefault(r["task"], {}).setdefault(layout_key(r.get("layout")), []).append(float(r["total"]))
+        tasks.setdefault(r["task"], {}).setdefault(layout_key(r.get("layout")), []).append(r)
+
+    def block(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**mean_ci([float(r["total"]) for r in items], n_boot, seed), **strict_blocks(items, n_boot, seed)}
+
     return {
-        "overall": mean_ci([float(r["total"]) for r in scored], n_boot, seed),
-        "tasks": {t: mean_ci([v for vs in by.values() for v in vs], n_boot, seed) for t, by in tasks.items()},
-        "layouts": {t: {lay: mean_ci(vs, n_boot, seed) for lay, vs in by.items()} for t, by in tasks.items()},
+        "overall": block(scored),
+        "tasks": {t: block([r for rs in by.values() for r in rs]) for t, by in tasks.items()},
+        "layouts": {t: {lay: block(rs) for lay, rs in by.items()} for t, by in tasks.items()},
         "samples": len(results),
         "missing": missing,
     }
 
 
 def json_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The `--json` shape of issue 8: {"overall", "tasks": {task: {layout: mean}}, "ci95": {...}}."""
+    """The `--json` shape of issue 8: {"overall", "tasks": {task: {layout: mean}}, "ci95": {...}}
+    (graded), plus "exact" in the same shape (strict, issue 20) with story's persistence_exact and
+    how-to's count_exact as {task: {layout: rate}}."""
+    layouts = summary["layouts"]
+
+    def strict(key: str) -> dict[str, Any]:
+        return {t: {lay: b[key]["mean"] for lay, b in by.items() if key in b} for t, by in layouts.items()
+                if any(key in b for b in by.values())}
+
+    exact = summary["overall"].get("exact", {})
     return {
         "overall": summary["overall"]["mean"],
-        "tasks": {t: {lay: b["mean"] for lay, b in by.items()} for t, by in summary["layouts"].items()},
+        "tasks": {t: {lay: b["mean"] for lay, b in by.items()} for t, by in layouts.items()},
         "ci95": {"overall": summary["overall"]["ci95"],
-                 **{t: {lay: b["ci95"] for lay, b in by.items()} for t, by in summary["layouts"].items()}},
+                 **{t: {lay: b["ci95"] for lay, b in by.items()} for t, by in layouts.items()}},
+        "exact": {"overall": exact.get("mean"), "tasks": strict("exact"),
+                  "ci95": {"overall": exact.get("ci95"),
+                           **{t: {lay: b["exact"]["ci95"] for lay, b in by.items() if "exact" in b}
+                              for t, by in layouts.items()}},
+                  "persistence_exact": strict("persistence_exact"), "count_exact": strict("count_exact")},
     }
 
 
@@ -143,6 +163,18 @@ def _fmt(block: dict[str, Any]) -> str:
     return f"| {block['n']} | {mean} | {ci_text} |"
 
 
+def _fmt_strict(block: dict[str, Any]) -> str:
+    """The exact rate and its CI, then story's persistence / how-to's image count rate, as the
+    cells that follow `_fmt`'s."""
+    exact = block.get("exact") or {}
+    ci = exact.get("ci95")
+    mean = "-" if exact.get("mean") is None else f"{exact['mean']:.3f}"
+    extra = [f"{name} {block[key]['mean']:.3f}" for key, name in (("persistence_exact", "persistence exact"),
+                                                                    ("count_exact", "image count exact"))
+             if (block.get(key) or {}).get("mean") is not None]
+    return f" {mean} | {f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '-'} | {', '.join(extra) or '-'} |"
+
+
 def _png_data_url(image, side: int = 96) -> str:
     from PIL import Image
 
@@ -179,13 +211,17 @@ def write_toyworld_report(out: Path, results: list[dict[str, Any]], summary: dic
     atomic_write_text(out / "summary.json", json.dumps({**summary, "run": record}, indent=1) + "\n")
     rows = [(f"{t}/{lay}", b["mean"], b["ci95"]) for t, by in summary["layouts"].items() for lay, b in by.items()]
     plot = plot_bars(rows, out / "scores_by_task.png", "ToyWorld judge score per task/layout")
+    exact = summary["overall"].get("exact") or {}
     lines = ["# ToyWorld evaluation", "", *provenance_lines(record), "",
-             f"Overall: **{summary['overall']['mean']}** (95 % CI {summary['overall']['ci95']}, "
-             f"n = {summary['overall']['n']}, missing {len(summary['missing'])})", "",
-             "| task | layout | n | mean | 95 % CI |", "|---|---|---|---|---|"]
+             f"Overall: graded **{summary['overall']['mean']}** (95 % CI {summary['overall']['ci95']}), "
+             f"exact **{exact.get('mean')}** (95 % CI {exact.get('ci95')}); "
+             f"n = {summary['overall']['n']}, missing {len(summary['missing'])}", "",
+             "Graded: the judge's weighted attribute average. Exact: the share of images with every entity right "
+             "in every attribute, the right background and nothing extra (docs/toyworld.md).", "",
+             "| task | layout | n | graded | 95 % CI | exact | 95 % CI | strict, also |", "|---|---|---|---|---|---|---|---|"]
     for task, by in summary["layouts"].items():
         for lay, block in by.items():
-            lines.append(f"| {task} | {lay} " + _fmt(block))
+            lines.append(f"| {task} | {lay} " + _fmt(block) + _fmt_strict(block))
     if plot is not None:
         lines += ["", f"![scores per task]({plot.name})"]
     if summary["missing"]:
@@ -212,6 +248,8 @@ def write_toyworld_report(out: Path, results: list[dict[str, Any]], summary: dic
             predicted_cell = f"<em>{html.escape(str(e))}</em>"
         score = result.get("total")
         score_cell = f"{score:.3f}" if score is not None else f"missing: {html.escape(str(result.get('missing')))}"
+        if score is not None and result.get("exact") is not None:
+            score_cell += f"<br>exact {float(result['exact']):.2f}"
         rows_html.append(f"<tr><td>{html.escape(doc.id)}</td><td>{_doc_cell(doc, ('reference', 'context'))}</td>"
                          f"<td>{predicted_cell}</td><td>{_doc_cell(doc, ('target',))}</td><td>{score_cell}</td></tr>")
     table = "\n".join(f"<li>{html.escape(line[2:])}</li>" for line in provenance_lines(record))
@@ -219,7 +257,7 @@ def write_toyworld_report(out: Path, results: list[dict[str, Any]], summary: dic
 <style>body{{font-family:sans-serif;margin:1.5em}}td{{border-top:1px solid #ddd;padding:4px;vertical-align:top;max-width:28em}}
 img{{image-rendering:pixelated;margin:2px;border:1px solid #ccc}}</style></head><body>
 <h1>ToyWorld evaluation</h1><ul>{table}</ul>
-<p>Overall {summary['overall']['mean']} (95 % CI {summary['overall']['ci95']}, n = {summary['overall']['n']}).</p>
+<p>Overall graded {summary['overall']['mean']} (95 % CI {summary['overall']['ci95']}), exact {exact.get('mean')} (95 % CI {exact.get('ci95')}), n = {summary['overall']['n']}.</p>
 {f'<img src="{plot.name}" alt="scores per task">' if plot is not None else ''}
 <table><tr><th>sample</th><th>input</th><th>output</th><th>expected</th><th>score</th></tr>
 {chr(10).join(rows_html)}</table></body></html>

@@ -5,7 +5,7 @@ on every machine; `--n` keeps the first N of each task). Each sample goes throug
 each stored under OUT as soon as it is done, so a killed run resumes where it stopped:
 
     OUT/predictions/<id>/   the generated Document (folder written atomically)
-    OUT/scores/<id>.json    the judge's result for it (written atomically)
+    OUT/scores/<id>.json    the judge's result for it (written atomically): graded total and exact
 
 A rerun reuses a stored prediction instead of generating again and a stored score instead of
 judging again: nothing is generated or scored twice. A rerun with other settings (checkpoint
@@ -227,13 +227,16 @@ def run_toyworld(config: ToyWorldEvalConfig, out: str | os.PathLike, command: li
         sample_seed = config.seed + k
         if score_path.is_file():
             try:
-                results.append(json.loads(score_path.read_text(encoding="utf-8")))
+                stored = json.loads(score_path.read_text(encoding="utf-8"))
+            except ValueError:
+                stored = None  # a torn file cannot happen (atomic writes), but a hand-edited one can
+            # A score stored before the exact metric existed is judged again from its prediction.
+            if isinstance(stored, dict) and ("exact" in stored or "total" not in stored):
+                results.append(stored)
                 counts["reused_scores"] += 1
                 if progress:
                     progress(k + 1, len(expected_docs))
                 continue
-            except ValueError:
-                pass  # a torn file cannot happen (atomic writes), but a hand-edited one can
         result: dict[str, Any]
         predicted = None
         if (pred_dir / "doc.json").is_file():

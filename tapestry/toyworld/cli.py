@@ -138,7 +138,7 @@ def judge(
     pred: list[Path] | None = typer.Argument(None, help="Predicted Documents: folders, .json, .jsonl, .tar shards, or folders of them."),
     expected: Path | None = typer.Option(None, help="The benchmark folder/shards the predictions answer (matched by id); default: each prediction's own meta.toyworld."),
     self_test: bool = typer.Option(False, "--self-test", help="Check the judge itself on clean and corrupted renders (no PRED)."),
-    n: int = typer.Option(100, "--n", help="Self-test: scenes (each clean, degraded and under 9 corruptions)."),
+    n: int = typer.Option(100, "--n", help="Self-test: scenes (each clean, degraded twice and under 11 corruptions)."),
     seed: int = typer.Option(0, help="Self-test scenes, and the bootstrap of confidence intervals."),
     side: int = typer.Option(64, help="Self-test: image side in pixels."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (the report) and nothing else."),
@@ -149,7 +149,7 @@ def judge(
 
     PRED: each Document's target images and answers are judged against its spec.
 
-    --self-test: clean renders must average >= 0.99 (min >= 0.97); each corruption must push its attribute to <= 0.5 and the total down; mild blur + noise + JPEG must keep >= 0.9. Exit 1 when one fails.
+    --self-test: clean renders must average >= 0.99 (min >= 0.97) and be >= 0.99 exact; each corruption must push its attribute to <= 0.5, the total down and the exact rate to 0; mild blur + noise + JPEG must keep >= 0.9 graded (and >= 0.9 exact with full-resolution chroma). Exit 1 when one fails.
 
     Examples:
 
@@ -246,16 +246,24 @@ def _emit(report: dict, json_output: bool, out: Path | None) -> None:
         return
     console = Console(soft_wrap=True, highlight=False)
     if "clean_mean" in report:
-        console.print(f"clean mean {report['clean_mean']}  min {report['clean_min']}  "
-                      f"degraded mean {report['degraded']['mean']}  ({report['n']} scenes at {report['side']} px)")
+        degraded = report["degraded"]
+        console.print(f"clean mean {report['clean_mean']}  min {report['clean_min']}  exact {report['clean_exact']}  "
+                      f"degraded mean {degraded['mean']}  exact {degraded['exact']} "
+                      f"(full chroma {degraded['exact_full_chroma']})  ({report['n']} scenes at {report['side']} px)")
         for name, row in report["corruptions"].items():
-            console.print(f"  {name:17s} total {row['total']:.3f}  attribute {row['attribute']}")
+            total = "-" if row["total"] is None else f"{row['total']:.3f}"
+            console.print(f"  {name:17s} total {total}  attribute {row['attribute']}  exact {row['exact']}")
         console.print("[green]self-test passed[/]" if report["ok"] else
                       "[red]self-test failed:[/] " + escape("; ".join(report["failures"])))
         return
-    console.print(f"judged {report['judged']} document(s): overall {report['overall']['mean']} "
-                  f"(95% CI {report['overall']['ci95']})")
+    exact = report["overall"]["exact"]
+    console.print(f"judged {report['judged']} document(s): overall graded {report['overall']['mean']} "
+                  f"(95% CI {report['overall']['ci95']}), exact {exact['mean']} (95% CI {exact['ci95']})")
     for name, row in report["layouts"].items():
-        console.print(f"  {name:24s} n={row['n']:4d}  mean {row['mean']}  ci95 {row['ci95']}")
+        also = "".join(f"  {label} {row[key]['mean']}" for key, label in
+                       (("persistence_exact", "persistence exact"), ("count_exact", "image count exact"))
+                       if (row.get(key) or {}).get("mean") is not None)
+        console.print(f"  {name:24s} n={row['n']:4d}  graded {row['mean']} {row['ci95']}  "
+                      f"exact {row['exact']['mean']} {row['exact']['ci95']}{also}")
     for item in report["invalid"]:
         console.print(f"[red]✗[/] {escape(str(item))}")

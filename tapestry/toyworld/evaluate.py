@@ -8,6 +8,16 @@
     howto           image count exact (0.3) and each expected step against the image at its
                     position (0.7; missing images score 0).
 
+Beside each graded total, a strict figure (`exact`, judge.image_exact: every entity right in every
+attribute, right background, nothing extra):
+
+    compose, edit   exact = 1 when the target image is exact, else 0.
+    story           exact = share of frames that are exact; persistence_exact = share of
+                    (entity, consecutive frame pair) with the entity exact in both frames.
+    understand      exact = the answer's exact match (the same as its total).
+    howto           exact = share of expected steps whose image is exact (missing images: 0);
+                    count_exact = 1 when the number of images is right.
+
 The expected Document (from `tasks.sample` or a benchmark shard) gives the specs; the predicted
 Document gives the pixels (its target images, in order) and the answer (its first target text).
 """
@@ -75,12 +85,12 @@ def _scene_of(segment: ImageSegment, doc: Document, k: int, spec: dict[str, Any]
 def _judge_frame(scene: Scene, segment: ImageSegment | None) -> dict[str, Any]:
     image = _pixels(segment) if segment is not None else None
     if image is None:
-        return {"total": 0.0, "missing": True}
+        return {"total": 0.0, "exact": False, "missing": True}
     return judge_image(scene, image)
 
 
 def _brief(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("total", "present", "cell", "colour", "shape", "pattern", "size", "background", "no_extra", "missing")
+    keys = ("total", "exact", "present", "cell", "colour", "shape", "pattern", "size", "background", "no_extra", "missing")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -119,6 +129,29 @@ def persistence(frames: list[Scene], results: list[dict[str, Any]]) -> float | N
     return float(np.mean(checks)) if checks else None
 
 
+def persistence_exact(frames: list[Scene], results: list[dict[str, Any]]) -> float | None:
+    """Share of (entity, consecutive frame pair) with the entity exact in both frames: its
+    identity carried, and drawn right, from one frame to the next. None when no entity spans
+    two frames."""
+    checks = []
+    for k in range(len(frames) - 1):
+        keys = {e.key for e in frames[k].entities} & {e.key for e in frames[k + 1].entities} - {None}
+        if not keys:
+            continue
+        items = []
+        for res in (results[k], results[k + 1]):
+            items.append({p["expected"].get("key"): p for p in res.get("per_entity", [])})
+        for key in keys:
+            pa, pb = items[0].get(key), items[1].get(key)
+            if pa is None or pb is None:
+                checks.append(0.0)  # a frame that is missing, or an entity not read at all
+                continue
+            if pa.get("readable") is False or pb.get("readable") is False:
+                continue
+            checks.append(1.0 if pa["exact"] and pb["exact"] else 0.0)
+    return float(np.mean(checks)) if checks else None
+
+
 def _answer(doc: Document | None) -> str | None:
     if doc is None:
         return None
@@ -140,7 +173,7 @@ def judge_document(expected: Document, predicted: Document | None = None) -> dic
         if want is None:
             raise JudgeError(f"document {expected.id!r}: meta.toyworld.answer is missing")
         match = got is not None and normalize_answer(got) == normalize_answer(want)
-        out.update(total=1.0 if match else 0.0, answer=got, expected_answer=want)
+        out.update(total=1.0 if match else 0.0, exact=1.0 if match else 0.0, answer=got, expected_answer=want)
         return out
     expected_targets = _targets(expected)
     predicted_targets = _targets(predicted)
@@ -151,18 +184,22 @@ def judge_document(expected: Document, predicted: Document | None = None) -> dic
                for k, scene in enumerate(scenes)]
     out["targets"] = [_brief(r) for r in results]
     frame_mean = float(np.mean([r["total"] for r in results]))
+    out["exact"] = round(float(np.mean([1.0 if r["exact"] else 0.0 for r in results])), 4)
     if task in ("compose", "edit"):
         out["total"] = results[0]["total"]
+        out["exact"] = 1.0 if results[0]["exact"] else 0.0
     elif task == "story":
         kept = persistence(scenes, results)
+        kept_exact = persistence_exact(scenes, results)
         out["frames"] = round(frame_mean, 4)
         out["persistence"] = None if kept is None else round(kept, 4)
+        out["persistence_exact"] = None if kept_exact is None else round(kept_exact, 4)
         out["total"] = frame_mean if kept is None else (
             STORY_WEIGHTS["frames"] * frame_mean + STORY_WEIGHTS["persistence"] * kept)
     else:  # howto
         count_ok = len(predicted_targets) == len(scenes)
         out.update(expected_images=len(scenes), images=len(predicted_targets), count=1.0 if count_ok else 0.0,
-                   steps=round(frame_mean, 4))
+                   steps=round(frame_mean, 4), count_exact=1.0 if count_ok else 0.0)
         out["total"] = HOWTO_WEIGHTS["count"] * out["count"] + HOWTO_WEIGHTS["steps"] * frame_mean
     out["total"] = round(float(out["total"]), 4)
     return out
@@ -178,14 +215,30 @@ def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> list[floa
     return [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)]
 
 
+STRICT_KEYS = ("exact", "persistence_exact", "count_exact")
+
+
+def strict_blocks(items: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """{"exact": {n, mean, ci95}} over the results that carry an exact figure, plus story's
+    persistence_exact and how-to's count_exact when any result has them."""
+    out: dict[str, Any] = {}
+    for key in STRICT_KEYS:
+        values = [float(r[key]) for r in items if r.get(key) is not None]
+        if key == "exact" or values:
+            out[key] = {"n": len(values), "mean": round(float(np.mean(values)), 4) if values else None,
+                        "ci95": bootstrap_ci(values, n=n_boot, seed=seed)}
+    return out
+
+
 def summarize(results: Iterable[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
-    """Overall, per task and per task/layout means with bootstrap 95% intervals."""
+    """Overall, per task and per task/layout means with bootstrap 95% intervals, the graded
+    mean next to the exact rate (and story's persistence_exact, how-to's count_exact)."""
     results = list(results)
 
     def block(items: list[dict[str, Any]]) -> dict[str, Any]:
         totals = [r["total"] for r in items]
         return {"n": len(items), "mean": round(float(np.mean(totals)), 4) if totals else None,
-                "ci95": bootstrap_ci(totals, seed=seed)}
+                "ci95": bootstrap_ci(totals, seed=seed), **strict_blocks(items, seed=seed)}
 
     by_task: dict[str, list] = {}
     by_layout: dict[str, list] = {}

@@ -25,6 +25,14 @@ admissible match (its colour, or at its cell) is missing. Every score lies in [0
     entity = 0.15 present + 0.25 cell + 0.20 colour + 0.15 shape + 0.15 pattern + 0.10 size
     total  = 0.80 mean(entity) + 0.10 background + 0.10 no_extra,  no_extra = 1 / (1 + 2 extras)
 
+Beside the graded total, each image is judged *exact* (binary, as GenEval scores prompts): every
+scored entity is matched and each of its judged sub-scores (cell, colour, shape, pattern, size)
+reaches EXACT_THRESHOLD, the background kind is right and its colour reaches the threshold, and
+nothing extra is drawn. 0.5 is each ramp's decision point (in the cell, majority colour, own
+shape/pattern above every rival, nearer the expected size than the other); the self-test
+(selftest.py, docs/toyworld.md) shows clean renders at 1.0 on every sub-score and every
+corrupted attribute at 0.0, so the threshold sits where degraded renders lose least.
+
 Shape and pattern are judged relative to what the judge reads from a perfect rendering of the
 expected scene at the same resolution (`readable`): a rival shape or pattern counts only if the
 perfect rendering tells it apart, and an attribute (or entity) that the perfect rendering does
@@ -73,6 +81,9 @@ ENTITY_WEIGHTS: dict[str, float] = {"present": 0.15, "cell": 0.25, "colour": 0.2
                                     "pattern": 0.15, "size": 0.10}
 SCENE_WEIGHTS: dict[str, float] = {"entities": 0.80, "background": 0.10, "no_extra": 0.10}
 MIN_SIDE, MAX_SIDE = 32, 128
+# An exact entity has every judged sub-score at or above its threshold (module docstring).
+EXACT_THRESHOLDS: dict[str, float] = {"cell": 0.5, "colour": 0.5, "shape": 0.5, "pattern": 0.5, "size": 0.5,
+                                      "background_colour": 0.5}
 
 INK_VALUE = 0.2  # pixels darker than this are ink; backgrounds stay above 0.28
 WHITE_VALUE, WHITE_CHROMA = 0.86, 0.2
@@ -871,6 +882,21 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def entity_exact(scores: dict[str, float | None]) -> bool:
+    """Matched, and every sub-score the judge can read at this size past its threshold."""
+    if (scores.get("present") or 0.0) < 1.0:
+        return False
+    return all(scores.get(k) is None or scores[k] >= EXACT_THRESHOLDS[k]
+               for k in ("cell", "colour", "shape", "pattern", "size"))
+
+
+def image_exact(per_entity: list[dict[str, Any]], background: dict[str, float], n_extra: int) -> bool:
+    """Every scored entity exact, the background's kind and colour right, nothing extra."""
+    return (n_extra == 0 and background["background_kind"] >= 1.0
+            and background["background_colour"] >= EXACT_THRESHOLDS["background_colour"]
+            and all(p["exact"] for p in per_entity if p.get("readable", True)))
+
+
 def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
     """Every sub-score of an analysed image against the expected scene, and the weighted total."""
     side = analysis.side
@@ -893,7 +919,8 @@ def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
         j = assigned.get(i)
         scores = dict(table[i][j]) if j is not None else _missing(reads[i], e.entity.pattern)
         item = {"expected": e.to_dict(), "scores": {k: _round(v) for k, v in scores.items()},
-                "found": candidates[j].summary(side) if j is not None else None}
+                "found": candidates[j].summary(side) if j is not None else None,
+                "exact": entity_exact(scores)}
         if not reads[i].visible:
             item["readable"] = False  # matched so it is not an extra, but not scored
         per_entity.append(item)
@@ -915,6 +942,7 @@ def score_scene(expected: Scene, analysis: Analysis) -> dict[str, Any]:
     total = sum(SCENE_WEIGHTS[k] * v for k, v in parts.items() if v is not None) / weight
     return {
         "total": round(total, 4),
+        "exact": image_exact(per_entity, background, n_extra),
         **{k: _round(v) for k, v in sub.items()},
         "entities": _round(entities),
         **{k: round(v, 4) for k, v in background.items()},
