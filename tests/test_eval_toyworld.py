@@ -168,7 +168,8 @@ def test_placement_ablation_pairs_scenes(tmp_path):
     data = json.loads(result.output.strip().splitlines()[-1])
     assert data["inline"]["n"] == data["image_first"]["n"] == 3
     assert data["inline_minus_image_first"]["mean"] == 0.0 and data["inline_minus_image_first"]["n"] == 3
-    assert (tmp_path / "p" / "placement.png").is_file()
+    assert (tmp_path / "p" / "placement.png").is_file() and (tmp_path / "p" / "placement_exact.png").is_file()
+    assert data["mode"] == "one checkpoint" and data["by_references"]["all"]["inline"]["exact"]["mean"] == 1.0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,8 +1,13 @@
 """The papers' ablations as runs of `tapestry eval toyworld` over the same scenes.
 
-    placement   Inset's placement ablation: the same compose scenes written inline (images in the
-                sentence) and image-first (references first, named by position), one checkpoint.
-                Paired by scene: the difference inline - image-first has its own bootstrap CI.
+    placement   Inset's placement ablation, as the paper runs it: two models trained with equal
+                budgets on the same scenes, one on inline documents only (images in the
+                sentence), one on image-first documents only (references first, named by
+                position), each evaluated in its own layout on the same compose scenes, by the
+                number of references (1-4), graded and exact, paired by scene (the difference
+                inline - image-first has its own bootstrap CI). With one checkpoint instead, the
+                same scenes in both layouts through that one model (what the layout alone is
+                worth to a model trained on both).
     references  Inset's ViT-only vs ViT+VAE references: one checkpoint of each, same scenes.
     guidance    ILLUME-X's γ_txt/γ_img table (or any rule's scales): one run per grid point, plus
                 the unguided run as the reference row; score vs scale plotted per task.
@@ -47,26 +52,102 @@ def _row(label: str, block: dict) -> str:
     return f"| {label} | {block['n']} | {mean} | {f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '-'} |"
 
 
-def placement(config: ToyWorldEvalConfig, out: Path, command: list[str], progress=None) -> dict:
-    config = dataclasses.replace(config, layouts=("inline", "image-first"))
+def paired_difference_of(a: list[dict], b: list[dict], key: Callable[[dict], Any], field: str, n_boot: int,
+                         seed: int) -> dict:
+    """mean(a[field] - b[field]) over the items both scored, matched by `key`, with a bootstrap CI."""
+    b_by = {key(r): r for r in b if r.get(field) is not None}
+    diffs = [float(r[field]) - float(b_by[key(r)][field]) for r in a if r.get(field) is not None and key(r) in b_by]
+    return mean_ci(diffs, n_boot, seed)
+
+
+def _by_scene(r: dict) -> tuple:
+    return (r["task"], r["index"])
+
+
+def placement_table(inline: list[dict], first: list[dict], n_boot: int, seed: int) -> dict[str, dict]:
+    """Per number of references ("1".."4", then "all"): each model's graded and exact
+    {n, mean, ci95} and the paired inline - image-first differences."""
+    def part(items: list[dict], field: str) -> dict:
+        return mean_ci([float(r[field]) for r in items if r.get(field) is not None], n_boot, seed)
+
+    groups: dict[str, tuple[list[dict], list[dict]]] = {}
+    for count in sorted({r.get("references") for r in inline + first if r.get("references")}):
+        groups[str(count)] = ([r for r in inline if r.get("references") == count],
+                              [r for r in first if r.get("references") == count])
+    groups["all"] = (inline, first)
+    table = {}
+    for label, (a, b) in groups.items():
+        table[label] = {"inline": {"graded": part(a, "total"), "exact": part(a, "exact")},
+                        "image_first": {"graded": part(b, "total"), "exact": part(b, "exact")},
+                        "inline_minus_image_first": {
+                            "graded": paired_difference_of(a, b, _by_scene, "total", n_boot, seed),
+                            "exact": paired_difference_of(a, b, _by_scene, "exact", n_boot, seed)}}
+    return table
+
+
+def _cell(block: dict) -> str:
+    ci = block["ci95"]
+    mean = "-" if block["mean"] is None else f"{block['mean']:.3f}"
+    return f"{mean} {f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else ''}".rstrip()
+
+
+def placement(config: ToyWorldEvalConfig, out: Path, command: list[str], progress=None,
+              inline_checkpoint: str | None = None, image_first_checkpoint: str | None = None) -> dict:
+    """Two checkpoints (inline_checkpoint, image_first_checkpoint: each judged in its own layout)
+    or one (config.checkpoint, judged in both layouts). See the module docstring."""
     if any(t not in ("compose", "edit", "understand") for t in config.tasks):
         raise EvalError("placement compares layouts: --tasks may hold compose, edit, understand only")
-    summary = run_toyworld(config, out / "run", command, progress=progress)
-    scores = _scores(out / "run")
-    inline = [r for r in scores if r["layout"] == "inline"]
-    first = [r for r in scores if r["layout"] == "image-first"]
-    by_scene = lambda r: (r["task"], r["index"])  # noqa: E731 - the pairing rule, named where used
-    result = {"ablation": "placement", "inline": mean_ci([r["total"] for r in inline if "total" in r], config.bootstrap, config.seed),
-              "image_first": mean_ci([r["total"] for r in first if "total" in r], config.bootstrap, config.seed),
-              "inline_minus_image_first": paired_difference(inline, first, by_scene, config.bootstrap, config.seed),
-              "tasks": summary["layouts"]}
-    plot_bars([("inline", result["inline"]["mean"], result["inline"]["ci95"]),
-               ("image-first", result["image_first"]["mean"], result["image_first"]["ci95"])],
-              out / "placement.png", "Placement: inline vs image-first")
-    lines = ["| layout | n | mean | 95 % CI |", "|---|---|---|---|", _row("inline", result["inline"]),
-             _row("image-first", result["image_first"]), _row("inline − image-first (paired)", result["inline_minus_image_first"]),
-             "", "![placement](placement.png)", "", "Per-sample scores: `run/scores.jsonl`."]
-    record = json.loads((out / "run" / "run.json").read_text())
+    if (inline_checkpoint is None) != (image_first_checkpoint is None):
+        raise EvalError("placement: give both --inline and --image-first (two models), or neither (--checkpoint)")
+    if inline_checkpoint is not None:
+        runs = {}
+        for label, layout, checkpoint in (("inline", "inline", inline_checkpoint),
+                                          ("image_first", "image-first", image_first_checkpoint)):
+            runs[label] = run_toyworld(dataclasses.replace(config, checkpoint=checkpoint, layouts=(layout,)),
+                                       out / label, command, progress=progress)
+        inline, first = _scores(out / "inline"), _scores(out / "image_first")
+        tasks_summary = {label: summary["layouts"] for label, summary in runs.items()}
+        records = {label: json.loads((out / label / "run.json").read_text()) for label in runs}
+        record = {"command": command, "tapestry": records["inline"]["tapestry"],
+                  "settings": {"checkpoint": f"inline={inline_checkpoint} image_first={image_first_checkpoint}",
+                               "checkpoint_hash": f"inline={records['inline']['settings']['checkpoint_hash']} "
+                                                  f"image_first={records['image_first']['settings']['checkpoint_hash']}",
+                               "benchmark": records["inline"]["settings"]["benchmark"], "split": config.split,
+                               "seed": config.seed, "side": config.side}}
+        mode, models = "two checkpoints", {"inline": inline_checkpoint, "image_first": image_first_checkpoint}
+        where = "Per-sample scores: `inline/scores.jsonl`, `image_first/scores.jsonl`."
+    else:
+        summary = run_toyworld(dataclasses.replace(config, layouts=("inline", "image-first")), out / "run", command,
+                               progress=progress)
+        scores = _scores(out / "run")
+        inline = [r for r in scores if r["layout"] == "inline"]
+        first = [r for r in scores if r["layout"] == "image-first"]
+        tasks_summary = summary["layouts"]
+        record = json.loads((out / "run" / "run.json").read_text())
+        mode, models = "one checkpoint", {"inline": config.checkpoint, "image_first": config.checkpoint}
+        where = "Per-sample scores: `run/scores.jsonl`."
+    table = placement_table(inline, first, config.bootstrap, config.seed)
+    every = table["all"]
+    result = {"ablation": "placement", "mode": mode, "models": models,
+              "inline": every["inline"]["graded"], "image_first": every["image_first"]["graded"],
+              "inline_minus_image_first": every["inline_minus_image_first"]["graded"],
+              "by_references": table, "tasks": tasks_summary}
+    for metric in ("graded", "exact"):
+        rows = [(f"{label} ref{'s' if label != '1' else ''} {name}", row[key][metric]["mean"], row[key][metric]["ci95"])
+                for label, row in table.items() for key, name in (("inline", "inline"), ("image_first", "image-first"))]
+        plot_bars(rows, out / ("placement.png" if metric == "graded" else "placement_exact.png"), f"Placement ({mode}): {metric}",
+                  ylabel="exact rate" if metric == "exact" else "judge score")
+    lines = [f"Mode: {mode} (inline: `{models['inline']}`, image-first: `{models['image_first']}`); "
+             f"tasks: {', '.join(config.tasks)}; rows by the number of reference images (compose), "
+             "then all samples. Cells: mean [95 % bootstrap CI]; differences are paired by scene.", "",
+             "| references | n | inline graded | image-first graded | inline − image-first graded | "
+             "inline exact | image-first exact | inline − image-first exact |", "|---|---|---|---|---|---|---|---|"]
+    for label, row in table.items():
+        n = f"{row['inline']['graded']['n']} / {row['image_first']['graded']['n']}"
+        lines.append(f"| {label} | {n} | {_cell(row['inline']['graded'])} | {_cell(row['image_first']['graded'])} | "
+                     f"{_cell(row['inline_minus_image_first']['graded'])} | {_cell(row['inline']['exact'])} | "
+                     f"{_cell(row['image_first']['exact'])} | {_cell(row['inline_minus_image_first']['exact'])} |")
+    lines += ["", "![graded](placement.png) ![exact](placement_exact.png)", "", where]
     return _write(out, "Ablation: placement (Inset)", record, lines, result)
 
 

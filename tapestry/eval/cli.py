@@ -158,7 +158,9 @@ def _also(block: dict) -> str:
 @ablation_app.command("placement")
 def ablation_placement(
     ctx: typer.Context,
-    checkpoint: str = typer.Option("default", help=CHECKPOINT_HELP),
+    inline: Optional[str] = typer.Option(None, "--inline", help="Checkpoint trained on inline documents only (with --image-first: the paper's two-model ablation)."),
+    image_first: Optional[str] = typer.Option(None, "--image-first", help="Checkpoint trained on image-first documents only, same scenes and budget."),
+    checkpoint: str = typer.Option("default", help="Without --inline/--image-first: one checkpoint judged in both layouts. " + CHECKPOINT_HELP),
     split: str = typer.Option("test", help="test | val."),
     n: Optional[int] = typer.Option(None, "--n", help="First N scenes of each task."),
     tasks: str = typer.Option("compose", help="compose, edit and/or understand (the tasks written in both layouts)."),
@@ -170,19 +172,28 @@ def ablation_placement(
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Inset's placement ablation: the same scenes inline vs image-first, paired by scene.
+    """Inset's placement ablation: inline vs image-first on the same scenes, by number of references, graded and exact.
 
-    Example:
+    With --inline and --image-first (the paper's way): two checkpoints trained with equal budgets
+    on the same scenes, one on each layout, each judged in its own layout. With --checkpoint
+    only: one model judged in both layouts. Differences are paired by scene.
 
-        tapestry eval ablation placement --checkpoint default --n 50 --out runs/ablation/placement
+    Examples:
+
+        tapestry eval ablation placement --inline runs/placement-inline/export --image-first runs/placement-image-first/export --n 100 --out runs/ablation/placement
+
+        tapestry eval ablation placement --checkpoint default --n 50 --out runs/ablation/placement-default
     """
     from tapestry.eval import ablation
 
+    if (inline is None) != (image_first is None):
+        raise _fail("give both --inline and --image-first (two models), or neither (--checkpoint)")
     try:
-        config = _config(checkpoint, split, n, tasks, "inline,image-first", side, seed, steps, bootstrap)
+        config = _config(inline or checkpoint, split, n, tasks, "inline,image-first", side, seed, steps, bootstrap)
     except TapestryError as e:
         raise _fail(str(e)) from None
-    result = _run(lambda p: ablation.placement(config, out, _command(ctx), p), quiet or json_output, "placement")
+    result = _run(lambda p: ablation.placement(config, out, _command(ctx), p, inline, image_first),
+                  quiet or json_output, "placement")
     _print_ablation(result, json_output, out)
 
 

@@ -257,7 +257,8 @@ def run_toyworld(config: ToyWorldEvalConfig, out: str | os.PathLike, command: li
             except JudgeError as e:
                 result = {"id": expected.id, "missing": f"judge: {e}"}
         spec = expected.meta["toyworld"]
-        result.update(task=spec["task"], layout=spec["layout"], index=spec["index"], seed=sample_seed)
+        result.update(task=spec["task"], layout=spec["layout"], index=spec["index"], seed=sample_seed,
+                      references=len(spec.get("references") or []))
         atomic_write_text(score_path, json.dumps(result) + "\n")
         results.append(result)
         if progress:
