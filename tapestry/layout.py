@@ -51,6 +51,10 @@ class LayoutConfig:
     clean_copy: bool = True  # a generated image appears again as clean tokens after its noise span
     text_loss: Literal["targets", "all"] = "targets"  # which text carries next-token loss
     target_size: tuple[int, int] = (64, 64)  # (height, width) of targets that declare no size
+    # BAGEL's chat format: every text piece is one turn `bos text eos` (<|im_start|> … <|im_end|>
+    # with Qwen2 specials) instead of one BOS for the whole document; the document still ends
+    # with EOS, so a prompt cut before it keeps its last turn closed, as BAGEL's are.
+    text_turns: bool = False
 
     def vit_grid(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of ViT tokens for an image; the encoder resizes to exactly this."""
@@ -187,13 +191,18 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
     items = doc.reading_order_with_segments()
     has_targets = any(getattr(s, "role", None) == "target" for s in doc.segments)
     build = _Builder(doc_index)
-    build.text([tokenizer.bos_id], loss=False)
+    if not config.text_turns:
+        build.text([tokenizer.bos_id], loss=False)
     for item, segment_index in items:
         segment = doc.segments[segment_index]
         if isinstance(item, str):
             assert isinstance(segment, TextSegment)
             loss = config.text_loss == "all" or segment.role == "target"
-            build.text(tokenizer.encode(item), loss=loss)
+            if config.text_turns:  # <|im_start|> text <|im_end|>; the turn's end is learnt with its text
+                build.text([tokenizer.bos_id], loss=False)
+                build.text(tokenizer.encode(item) + [tokenizer.eos_id], loss=loss)
+            else:
+                build.text(tokenizer.encode(item), loss=loss)
             continue
         assert isinstance(item, ImageSegment)
         height, width = _image_size(item, config)

@@ -76,22 +76,9 @@ class TextTokenizer:
     def load(cls, directory: str | os.PathLike) -> "TextTokenizer":
         """Our own directory (tokenizer.json + tokenizer_specials.json) or a Qwen2-style one
         (tokenizer.json, or vocab.json + merges.txt)."""
-        from tokenizers import Tokenizer
-
         directory = Path(directory)
         specials_path = directory / SPECIALS_FILE
-        try:
-            if (directory / TOKENIZER_FILE).is_file():
-                backend = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
-            elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-                backend = _qwen2_from_vocab_merges(directory)
-            else:
-                raise TapestryError(
-                    f"{directory}: no tokenizer found (expected {TOKENIZER_FILE}, or vocab.json + merges.txt)")
-        except TapestryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions on bad files
-            raise TapestryError(f"{directory}: cannot read tokenizer: {e}") from None
+        backend = _qwen2_backend(directory)
         if specials_path.is_file():
             specials = SpecialTokens(**json.loads(specials_path.read_text()))
         elif backend.token_to_id(QWEN2_SPECIALS.boi) is not None:
@@ -99,6 +86,20 @@ class TextTokenizer:
         else:
             specials = SpecialTokens()
         return cls(backend, specials)
+
+
+def _qwen2_backend(directory: Path):
+    """The `tokenizers.Tokenizer` of a folder: tokenizer.json, else vocab.json + merges.txt."""
+    from tokenizers import Tokenizer
+
+    try:
+        if (directory / TOKENIZER_FILE).is_file():
+            return Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            return _qwen2_from_vocab_merges(directory)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions on bad files
+        raise TapestryError(f"{directory}: cannot read tokenizer: {e}") from None
+    raise TapestryError(f"{directory}: no tokenizer found (expected {TOKENIZER_FILE}, or vocab.json + merges.txt)")
 
 
 def _qwen2_from_vocab_merges(directory: Path):
