@@ -274,26 +274,13 @@ def _summary(header: dict[str, TensorInfo]) -> dict[str, Any]:
 def _ae_report(path: Path) -> dict[str, Any]:
     """Coverage of a FLUX-layout ae.safetensors against the AutoencoderKL its settings build."""
     from tapestry.models.common.checkpoint import compare_keys
-    from tapestry.models.vae.flux import FLUX_PARAMS, FluxAEParams, _autoencoder_kl, flux_to_diffusers_key
+    from tapestry.models.vae.flux import FLUX_PARAMS, FluxAEParams, flux_expected_shapes
 
     header = read_header(path)
     side = path.parent / FLUX_PARAMS
     params = FluxAEParams.load(side) if side.is_file() else FluxAEParams()
-    with torch.device("meta"):
-        vae = _autoencoder_kl()(**params.diffusers_config())
-    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    levels = len(params.ch_mult)
-    found, unmapped = {}, []
-    for key, info in header.items():
-        name = flux_to_diffusers_key(key, levels)
-        if name is None:
-            unmapped.append(key)
-            continue
-        shape = info.shape
-        if len(shape) == 4 and shape[2:] == (1, 1) and "attentions" in name and name.endswith("weight"):
-            shape = shape[:2]
-        found[name] = shape
-    report = compare_keys(expected, found)
+    report = compare_keys(flux_expected_shapes(params), {k: v.shape for k, v in header.items()})
+    unmapped: list[str] = []
     return {"file": str(path), **_summary(header), "settings": params.to_dict(),
             "settings_from": str(side) if side.is_file() else "FLUX.1 release defaults",
             "missing": report.missing, "unexpected": sorted(unmapped + report.unexpected),

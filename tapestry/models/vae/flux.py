@@ -197,6 +197,59 @@ def diffusers_to_flux_key(key: str, levels: int) -> str | None:
     return None
 
 
+def flux_expected_shapes(params: FluxAEParams) -> dict[str, tuple[int, ...]]:
+    """Every key (with shape) of a BFL-layout ae.safetensors for `params`, by arithmetic alone:
+    a header can be checked without building the autoencoder (or importing diffusers)."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, c_out: int, c_in: int, k: int) -> None:
+        out[f"{name}.weight"], out[f"{name}.bias"] = (c_out, c_in, k, k), (c_out,)
+
+    def norm(name: str, c: int) -> None:
+        out[f"{name}.weight"], out[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name: str, c_in: int, c_out: int) -> None:
+        norm(f"{name}.norm1", c_in)
+        conv(f"{name}.conv1", c_out, c_in, 3)
+        norm(f"{name}.norm2", c_out)
+        conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.nin_shortcut", c_out, c_in, 1)
+
+    def middle(prefix: str, c: int) -> None:
+        resnet(f"{prefix}.mid.block_1", c, c)
+        norm(f"{prefix}.mid.attn_1.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{prefix}.mid.attn_1.{part}", c, c, 1)
+        resnet(f"{prefix}.mid.block_2", c, c)
+
+    widths = params.block_out_channels
+    levels = len(widths)
+    conv("encoder.conv_in", params.ch, params.in_channels, 3)
+    c = params.ch
+    for i, width in enumerate(widths):
+        for j in range(params.num_res_blocks):
+            resnet(f"encoder.down.{i}.block.{j}", c, width)
+            c = width
+        if i != levels - 1:
+            conv(f"encoder.down.{i}.downsample.conv", c, c, 3)
+    middle("encoder", c)
+    norm("encoder.norm_out", c)
+    conv("encoder.conv_out", 2 * params.z_channels, c, 3)
+    c = widths[-1]
+    conv("decoder.conv_in", c, params.z_channels, 3)
+    middle("decoder", c)
+    for i in reversed(range(levels)):
+        for j in range(params.num_res_blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", c, widths[i])
+            c = widths[i]
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", c, c, 3)
+    norm("decoder.norm_out", c)
+    conv("decoder.conv_out", params.out_ch, c, 3)
+    return out
+
+
 def _is_attention_projection(diffusers_key: str) -> bool:
     return re.search(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", diffusers_key) is not None
 
