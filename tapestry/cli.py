@@ -147,6 +147,7 @@ from tapestry.data.cli import app as data_app  # noqa: E402
 from tapestry.eval.cli import app as eval_app  # noqa: E402
 from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.convert_cli import convert_command  # noqa: E402
+from tapestry.models.memory_cli import memory_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
 from tapestry.models.vae_cli import app as vae_app  # noqa: E402
 from tapestry.models.vit_cli import app as vit_app  # noqa: E402
@@ -156,6 +157,7 @@ from tapestry.train.cli import EXPORT_HELP, TRAIN_HELP, export_command, train_co
 app.command("generate")(generate_command)
 app.command("inspect")(inspect_command)
 app.command("convert")(convert_command)
+app.command("memory")(memory_command)
 app.command("train", help=TRAIN_HELP)(train_command)
 app.command("export", help=EXPORT_HELP)(export_command)
 app.add_typer(toyworld_app, name="toyworld")
