@@ -64,7 +64,7 @@ def test_parts_follow_bagel_conventions(parts):
     assert tok.backend.id_to_token(tok.bos_id) == "<|im_start|>" and tok.backend.id_to_token(tok.eos_id) == "<|im_end|>"
     assert tok.backend.id_to_token(tok.boi_id) == "<|vision_start|>"
     assert tok.backend.id_to_token(tok.eoi_id) == "<|vision_end|>"
-    assert parts.defaults.shift == 3.0
+    assert parts.defaults["shift"] == 3.0
     assert (layout.vit_patch, layout.vae_downsample, layout.latent_patch) == (14, 8, 2)
     assert parts.vae.latent_channels == 16 and parts.vae.downsample == 8
     assert parts.model.dtype == torch.bfloat16  # the release's dtype is kept
@@ -95,26 +95,39 @@ def test_tokenizer_gains_missing_bagel_specials(bagel_dir, tmp_path):
         load_bagel_tokenizer(tmp_path, vocab_size=100)
 
 
-def _generate(parts, seed: int):
-    import dataclasses
-
-    from tapestry.infer.engine import Engine
-
-    engine = Engine(parts.model, parts.tokenizer, parts.vae, parts.layout)
+def _generate(pipe, seed: int):
     doc = Document("p", [TextSegment("a red cube on a table", "context"), ImageSegment("target", width=64, height=64)])
-    return engine.generate(doc, dataclasses.replace(parts.defaults, steps=3, seed=seed))
+    return pipe.generate(doc, steps=3, seed=seed)
 
 
 @pytest.mark.slow
-def test_generation_on_the_bagel_layout_is_deterministic(parts):
-    first, again, other = _generate(parts, 0), _generate(parts, 0), _generate(parts, 1)
+def test_pipeline_on_the_bagel_layout_is_deterministic(bagel_dir):
+    from tapestry.infer.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(bagel_dir)  # the release folder as it is, no conversion
+    assert pipe.defaults.shift == 3.0 and pipe.defaults.steps == 50
+    first, again, other = _generate(pipe, 0), _generate(pipe, 0), _generate(pipe, 1)
     image = first.segments[-1].image
     assert image.size == (64, 64)
     assert image.tobytes() == again.segments[-1].image.tobytes()
     assert image.tobytes() != other.segments[-1].image.tobytes()
-    assert first.meta["generation"]["shift"] == 3.0
+    assert first.meta["generation"]["shift"] == 3.0 and first.meta["generation"]["checkpoint_hash"].startswith("sha256:")
 
 
+@pytest.mark.slow
+def test_generate_command_on_a_bagel_folder(bagel_dir, tmp_path):
+    from tapestry.storage import load_folder, save_folder
+
+    doc = Document("p", [TextSegment("a red cube", "context"), ImageSegment("target", width=32, height=32)])
+    save_folder(doc, tmp_path / "prompt")
+    runs = []
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["generate", str(tmp_path / "prompt"), "--checkpoint", str(bagel_dir),
+                                     "--out", str(tmp_path / name), "--steps", "2", "--seed", "3", "--quiet", "--json"])
+        assert result.exit_code == 0, result.output
+        runs.append(load_folder(tmp_path / name))
+    assert runs[0].segments[-1].image.tobytes() == runs[1].segments[-1].image.tobytes()
+    assert json.loads(result.output.strip().splitlines()[-1])["checkpoint_hash"].startswith("sha256:")
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

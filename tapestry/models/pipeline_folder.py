@@ -43,10 +43,22 @@ def resolve_checkpoint(name: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise CheckpointNotFound(f"checkpoint {str(name)!r} not found: give 'default' or a folder "
                                  f"holding {PIPELINE_FILE}")
-    if not (path / PIPELINE_FILE).is_file():
+    if not (path / PIPELINE_FILE).is_file() and _upstream_family(path) is None:
         raise CheckpointNotFound(f"{path} has no {PIPELINE_FILE}: it is not an exported tapestry "
                                  "pipeline (a training run folder is exported with `tapestry export`)")
     return path
+
+
+def _upstream_family(folder: Path):
+    """The family that reads `folder` in an upstream layout (e.g. BAGEL's release), or None."""
+    from tapestry.models import family as families
+
+    for name in families.names():
+        family = families.get(name)
+        detect = getattr(family, "is_upstream", None)
+        if detect is not None and detect(folder):
+            return family
+    return None
 
 
 def checkpoint_hash(folder: Path) -> str:
@@ -101,6 +113,11 @@ def load_pipeline(folder: str | os.PathLike, device: str = "cpu") -> PipelinePar
 
     folder = Path(folder)
     where = folder / PIPELINE_FILE
+    upstream = _upstream_family(folder) if not where.is_file() else None
+    if upstream is not None:  # read in place: no conversion, weights frozen as below
+        model, tokenizer, codec, layout, generation = upstream.read_upstream(folder, device=device)
+        model.eval().requires_grad_(False)
+        return PipelineParts(upstream, model, tokenizer, codec, layout, generation, folder)
     try:
         record = json.loads(where.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

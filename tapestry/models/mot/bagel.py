@@ -97,10 +97,9 @@ def bagel_layout(config: MoTConfig, vae_downsample: int, target_side: int | None
                              context_as_vae=True, target_size=(side, side))
 
 
-def bagel_defaults():
-    from tapestry.infer.engine import GenerationOptions
-
-    return GenerationOptions(shift=BAGEL_SHIFT, steps=BAGEL_STEPS)
+def bagel_defaults() -> dict[str, Any]:
+    """Generation defaults (fields of the engine's GenerationOptions) BAGEL samples with."""
+    return {"shift": BAGEL_SHIFT, "steps": BAGEL_STEPS}
 
 
 @dataclass
@@ -150,7 +149,7 @@ def bagel_to_pipeline(folder: str | Path, out: str | Path, overwrite: bool = Fal
     from safetensors.torch import save_file
 
     from tapestry.atomic import atomic_dir
-    from tapestry.infer.pipeline import save_pipeline
+    from tapestry.models.pipeline_folder import save_pipeline
 
     folder, out = Path(folder), Path(out)
     _check_out(out, overwrite)

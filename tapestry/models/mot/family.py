@@ -375,6 +375,12 @@ class MoTFamily:
         ).validate()
 
     def load_config(self, folder: str | Path) -> MoTConfig:
+        from tapestry.models.mot.bagel import is_bagel_folder
+
+        if is_bagel_folder(folder):  # init_from a BAGEL release: its JSON files and weight header
+            from tapestry.models.mot.convert import bagel_config
+
+            return bagel_config(folder)[0]
         return MoTConfig.load(Path(folder) / "config.json")
 
     def build(self, config: MoTConfig) -> MoTModel:
@@ -387,7 +393,28 @@ class MoTFamily:
             load_pretrained_vit(model, recipe.init_vit)
 
     def from_pretrained(self, folder: str | Path, device="cpu") -> MoTModel:
+        from tapestry.models.mot.bagel import is_bagel_folder
+
+        if is_bagel_folder(folder):
+            from tapestry.models.mot.convert import load_bagel
+
+            return load_bagel(folder, device=device)
         return MoTModel.from_pretrained(folder, device=device)
+
+    def is_upstream(self, folder: str | Path) -> bool:
+        from tapestry.models.mot.bagel import is_bagel_folder
+
+        return is_bagel_folder(folder)
+
+    def read_upstream(self, folder: str | Path, device="cpu"):
+        """A folder in an upstream layout this family reads as a whole (BAGEL's release):
+        (model, tokenizer, codec, layout, generation defaults), or None when it is not one."""
+        from tapestry.models.mot.bagel import is_bagel_folder, load_bagel_parts
+
+        if not is_bagel_folder(folder):
+            return None
+        parts = load_bagel_parts(folder, device=device)
+        return parts.model, parts.tokenizer, parts.vae, parts.layout, dict(parts.defaults)
 
     def from_state_dict(self, config: MoTConfig, state: dict[str, Tensor], source: str = "<state dict>") -> MoTModel:
         return MoTModel.from_state_dict(config, state, source=source)
