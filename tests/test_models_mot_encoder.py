@@ -66,8 +66,10 @@ def test_pretraining_learns_and_loads_into_a_mot(tmp_path):
     pixels, labels = render_references(8, 32, seed=3)
     assert pixels.shape == (8, 3, 32, 32) and -1.0 <= pixels.min() and pixels.max() <= 1.0
     assert set(labels) == {"shape", "colour", "pattern", "size", "cell"}
+    threads = torch.get_num_threads()
     report = pretrain(VIT, EncoderPretrainConfig(side=32, train_images=32, val_images=16, steps=80, batch=32, lr=1e-2,
                                                  threads=1, eval_every=40), tmp_path / "vit")
+    assert torch.get_num_threads() == threads, "pretraining must leave the caller's thread count alone"
     assert [h["step"] for h in report["history"]] == [40, 80]
     # five cross-entropies start at ln(8·8·4·2·9) = 8.44 (chance); 32 images must be learnt
     assert report["history"][-1]["loss"] < 7.5

@@ -122,8 +122,16 @@ def accuracy(vit: NaViT, head: RecognitionHead, pixels: Tensor, labels: dict[str
 def pretrain(vit_config: ViTConfig, config: EncoderPretrainConfig, out: Path, progress=None) -> dict:
     """Train a NaViT of `vit_config` on ToyWorld recognition; write `vit.safetensors` (keys as in
     the MoT: `vit.*`), `encoder.json` (configs, accuracy per attribute, seconds) into `out`."""
-    torch.manual_seed(config.seed)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _pretrain(vit_config, config, out, progress)
+    finally:  # a library call must not change the caller's thread count (later runs would differ bitwise)
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(vit_config: ViTConfig, config: EncoderPretrainConfig, out: Path, progress) -> dict:
+    torch.manual_seed(config.seed)
     started = time.perf_counter()
     train_x, train_y = render_references(config.train_images, config.side, config.seed)
     val_x, val_y = render_references(config.val_images, config.side, config.seed + 1_000_003)
