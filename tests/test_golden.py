@@ -41,11 +41,12 @@ CASES = {
 # sha256 (first 16 hex digits) over the generated text and the PNG bytes of every generated image
 # of each case, seed 0, everything else the pipeline's defaults. THE ONE PLACE the embedded
 # default's outputs are pinned: update it (and only it) when tapestry/assets/default changes.
+# Re-recorded 2026-12-02 for the issue-20 default (pretrained frozen ViT, 4 000 steps).
 DEFAULT_GOLDEN = {
-    "readme": "32e84fab4da39876",
-    "howto": "fe47ef2da5b20a93",
-    "readme-inset": "ffc49bec49664b72",
-    "readme-bagel": "3ea8c72cc7d50cdd",
+    "readme": "d09624a3c4429efe",
+    "howto": "d62f2e9278c26c7b",
+    "readme-inset": "2a56a9c7c78d95d6",
+    "readme-bagel": "37dce5aea63687e1",
 }
 
 # float.hex of the logged `loss` of every step of `loss_curve()` (code only, no checkpoint).
