@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
+from tapestry.models.common.config import section_from_dict
 
 FORMAT = "tapestry.duet"
 FORMAT_VERSION = 1
@@ -38,16 +39,7 @@ class DuetConfigError(TapestryError):
 
 
 def _from_dict(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise DuetConfigError(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise DuetConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise DuetConfigError(f"{where}: {exc}") from None
+    return section_from_dict(cls, data, where, DuetConfigError)
 
 
 def _positive(section: str, obj, names: tuple[str, ...]) -> None:

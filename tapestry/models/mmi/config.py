@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
+from tapestry.models.common.config import section_from_dict
 
 FORMAT = "tapestry.mmi"
 FORMAT_VERSION = 1
@@ -26,16 +27,7 @@ class ConfigError(TapestryError):
 
 
 def _from_dict(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return section_from_dict(cls, data, where, ConfigError)
 
 
 def _positive(obj, prefix: str, names) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
+from tapestry.models.common.config import section_from_dict
 
 FORMAT = "tapestry.mot"
 FAMILY = "mot"  # the registry name (tapestry/models/family.py)
@@ -23,17 +24,8 @@ class ConfigError(TapestryError):
     """A config file or dict does not describe a valid model."""
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+def _from_dict(cls, data: Any, where: str):
+    return section_from_dict(cls, data, where, ConfigError)
 
 
 @dataclass
