@@ -91,3 +91,19 @@ def test_placement_ablation_needs_both_checkpoints(two_models, tmp_path):
                                  "--out", str(tmp_path / "x"), "-q"])
     assert result.exit_code == 2
     assert "give both --inline and --image-first" in result.output
+
+
+def test_placement_configs_differ_only_in_layout():
+    """The ablation's two recipes: the default's model and budget, compose only, one layout each."""
+    from tapestry.train.config import load_config, to_dict
+
+    inline = to_dict(load_config(ROOT / "configs" / "toyworld-placement-inline.toml"))
+    first = to_dict(load_config(ROOT / "configs" / "toyworld-placement-image-first.toml"))
+    default = to_dict(load_config(ROOT / "configs" / "toyworld-default.toml"))
+    sources = inline["data"].pop("sources"), first["data"].pop("sources")
+    assert [(s["task"], s["layout"]) for s in sources[0]] == [("compose", "inline")]
+    assert [(s["task"], s["layout"]) for s in sources[1]] == [("compose", "image-first")]
+    assert inline == first
+    default["data"].pop("sources")
+    for key in ("model", "layout", "optim", "schedule", "stages", "data", "dropout", "ema"):
+        assert inline[key] == default[key], key
