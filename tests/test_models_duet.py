@@ -308,11 +308,13 @@ def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
 
     docs = [_story(0), Document("plain", [TextSegment("a red circle", "target")])]
     layout = FAMILY.layout_config(model.config, model.vae.downsample)
-    row = concat_layouts([FAMILY.layout(d, tokenizer, layout) for d in docs], tokenizer.pad_id)
+    row = concat_layouts([FAMILY.layout(d, tokenizer, layout, config=model.config) for d in docs], tokenizer.pad_id)
     counts = FAMILY.loss_counts([row])
     assert counts["flow"] == 1 and counts["text"] == int((row.labels != -100).sum())
-    inputs = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3))
-    again = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3))
+    inputs = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3), config=model.config,
+                            tokenizer=tokenizer)
+    again = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3), config=model.config,
+                           tokenizer=tokenizer)
     assert [(i.target, i.t, i.noise_seed) for i in inputs] == [(i.target, i.t, i.noise_seed) for i in again]
     assert inputs[1].target is None
     parts = FAMILY.loss(model, [inputs])
