@@ -11,8 +11,10 @@ Inference (`DuetRuntime`): the MLLM's KV cache is kept across text steps and ima
 states of every layer are kept for the connector; every image of the context is VAE-encoded
 once as a condition frame. When an image is drawn the connector output of the tokens before its
 <BOV> is computed once and reused at every denoising step. Every guidance branch runs on the
-context the engine built for it; DuetGen's negative (the same condition frames, the last text
-chunk removed) is the branch that drops the last text chunk and keeps the images. Because the
+context the engine built for it, all branches with the same frame sizes in one DiT forward
+(contexts padded and masked in the cross-attention); DuetGen's negative (the same condition
+frames, the last text chunk removed) is the branch that drops the last text chunk and keeps the
+images. Because the
 MLLM is causal, that context's hidden states are exactly the cond context's with the chunk's
 positions removed — the paper's "remove the final text chunk from the hidden-state sequence"
 (`_condition(ctx, drop_last_chunk=True)` computes it that way; a test checks both agree).
@@ -385,14 +387,26 @@ class DuetRuntime:
         return x.permute(0, 2, 3, 1).to(self.model.device)
 
     def denoise(self, contexts: dict[str, DuetContext], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]:
-        """Each branch on its own context: its frames and its connector reading. (Branches differ
-        in frame count and context length, so they run one after another.)"""
+        """Each branch on its own context: its frames and its connector reading. Batched, the
+        branches whose frames have the same sizes (DuetGen's negative keeps every frame) run in one
+        DiT forward, their contexts padded and masked; a branch with other frames (one that drops
+        images) runs in its own. Unbatched, one forward per branch."""
         latents = x[0].permute(2, 0, 1)  # [C, h, w]
-        out = {}
+        groups: dict[tuple, list[str]] = {}
         for name, ctx in contexts.items():
-            v = self.model.velocity(ctx.frames + [latents], float(t), self._condition(ctx, False))
-            out[name] = v.permute(1, 2, 0)[None]
-        return out
+            key = tuple(tuple(f.shape) for f in ctx.frames) if batched else (name,)
+            groups.setdefault(key, []).append(name)
+        out = {}
+        for names in groups.values():
+            frames = [contexts[name].frames + [latents] for name in names]
+            conditions = [self._condition(contexts[name], False) for name in names]
+            if len(names) == 1:
+                velocities = [self.model.velocity(frames[0], float(t), conditions[0])]
+            else:
+                velocities = self.model.velocities(frames, float(t), conditions)
+            for name, v in zip(names, velocities):
+                out[name] = v.permute(1, 2, 0)[None]
+        return {name: out[name] for name in contexts}
 
     def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         pixels = self.model.decode_latents(x[0].permute(2, 0, 1))[None]
