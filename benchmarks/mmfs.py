@@ -1,6 +1,6 @@
 """MMFS vs dense cross-attention over every pixel of every earlier image (DESIGN §12).
 
-    python benchmarks/mmfs.py [--quick]
+    python benchmarks/mmfs.py [--quick] [--threads N]
 
 One LLM-side read at the paper's defaults: T = 64 query tokens of width D = 512, 16 heads,
 3 levels of a 224-px image (28², 14², 7² = 1029 pixels per image), 8 points per level and head.
@@ -129,10 +129,12 @@ def setup(m: int):
 
 
 def main(argv=None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv, lambda p: p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a CPU shared with "
+                                               "other jobs 1 thread measures steadier"))
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     repeats = 3 if args.quick else 10
     config = {"tokens": T, "dim": D, "heads": HEADS, "points": POINTS, "level_sides": list(SIDES),
               "repeats": repeats, "threads": torch.get_num_threads(), "device": "cpu"}

@@ -69,6 +69,21 @@ def test_train_infer_and_eval_import_no_family():
     assert offenders == []
 
 
+def test_inspection_reaches_families_only_through_the_protocol():
+    # `tapestry inspect` asks each family (Family.inspect); its own modules import none
+    for path in (ROOT / "tapestry" / "models" / "inspection.py", ROOT / "tapestry" / "models" / "inspect_cli.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"tapestry\.models\.(mot|duet|mmi)\b|from tapestry\.models import (mot|duet|mmi)\b", text), path
+
+
+def test_every_builtin_family_declares_its_loss_parts_and_inspects():
+    for name in ("mot", "duet", "mmi"):
+        family = families.get(name)
+        assert family.loss_parts[0] == "text" and len(set(family.loss_parts)) == len(family.loss_parts)
+        assert callable(family.inspect)
+    assert families.get("mmi").loss_parts == ("text", "image")
+
+
 def test_unknown_families_are_named_with_the_known_ones(tiny):
     with pytest.raises(families.FamilyError, match=r"unknown model family 'nope'; known families: duet, mmi, mot, tiny"):
         families.get("nope")

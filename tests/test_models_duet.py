@@ -88,6 +88,43 @@ def test_mixed_sizes_pack_with_per_image_rotary_positions():
     assert not torch.allclose(out[1], shifted[1])  # the time index enters the rotary positions
 
 
+@pytest.mark.parametrize("kind", ["wan", "cosmos"])
+def test_guidance_branches_batch_into_one_forward_with_masked_contexts(kind):
+    torch.manual_seed(0)
+    cfg = DiTConfig(kind=kind, concat_padding_mask=kind == "cosmos", condition_mask=kind == "cosmos")
+    dit = PackedDiT(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    frames = [[torch.randn(4, 8, 8, generator=g), torch.randn(4, 4, 12, generator=g)] for _ in range(3)]
+    contexts = [torch.randn(n, 32, generator=g) for n in (7, 3, 5)]  # three lengths: two padded
+    times = torch.tensor([[0.0, 0.4], [0.0, 0.4], [0.0, 0.9]])
+    with torch.no_grad():
+        batched = dit.forward_batch(frames, times, contexts)
+        alone = [dit(f, t, c) for f, t, c in zip(frames, times, contexts)]
+    for b in range(3):
+        for v, ref in zip(batched[b], alone[b]):
+            assert torch.allclose(v, ref, atol=1e-5), (kind, b)
+            assert not torch.allclose(v, torch.zeros_like(v))
+    with pytest.raises(ValueError, match="same frame sizes"):
+        dit.forward_batch([frames[0], frames[1][:1]], times, contexts[:2])
+
+
+def test_masked_wan_block_is_the_librarys_block_when_every_key_is_kept():
+    from tapestry.models.duet.dit import _wan_block
+
+    torch.manual_seed(0)
+    dit = PackedDiT(DiTConfig()).eval()
+    block = dit.net.blocks[0]
+    d = block.scale_shift_table.shape[-1]
+    hidden, encoder, temb = torch.randn(2, 6, d), torch.randn(2, 4, d), torch.randn(2, 6, 6, d)
+    cos, sin = torch.randn(1, 6, 1, d // 2), torch.randn(1, 6, 1, d // 2)
+    with torch.no_grad():
+        ours = _wan_block(block, hidden, encoder, temb, (cos, sin), torch.ones(2, 1, 1, 4, dtype=torch.bool))
+        ref = block(hidden, encoder, temb, (cos, sin))
+        cut = _wan_block(block, hidden, encoder, temb, (cos, sin), torch.tensor([True, True, False, False])[None, None, None].expand(2, 1, 1, 4))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert not torch.allclose(cut, ref, atol=1e-4)  # the mask is applied
+
+
 # ------------------------------------------------------------------------------------ the MLLM
 def test_long_side_capped_at_480_before_qwen_patching(model):
     image = Image.new("RGB", (960, 240))
@@ -227,6 +264,32 @@ def test_guidance_negative_drops_exactly_the_last_text_chunk(model, tokenizer):
     v = runtime.denoise(contexts, x, torch.tensor(0.5))
     assert v["cond"].shape == x.shape and not torch.allclose(v["cond"], v["no_last_text"])
 
+    # batched, cond and the negative (same frames, shorter context) are one DiT forward; a branch
+    # without the image (other frames) runs in its own; every velocity is the unbatched one
+    uncond = runtime.prefill(Document("p", []))
+    runtime.append_text(uncond, [tokenizer.boi_id])
+    runtime.begin_image(uncond)
+    contexts["uncond"] = uncond
+    calls = []
+    forward = model.dit.forward_batch
+
+    def counted(frames, *args, **kwargs):
+        calls.append(len(frames))
+        return forward(frames, *args, **kwargs)
+
+    model.dit.forward_batch = counted
+    try:
+        batched = runtime.denoise(contexts, x, torch.tensor(0.5), batched=True)
+        assert sorted(calls) == [1, 2]
+        calls.clear()
+        one_by_one = runtime.denoise(contexts, x, torch.tensor(0.5), batched=False)
+        assert calls == [1, 1, 1]
+    finally:
+        del model.dit.forward_batch
+    assert list(batched) == ["cond", "no_last_text", "uncond"]
+    for name in contexts:
+        assert torch.allclose(batched[name], one_by_one[name], atol=1e-5), name
+
 
 # ------------------------------------------------------------------------------------ inference
 def test_runtime_kv_cache_matches_one_full_forward(model, tokenizer):
@@ -308,11 +371,13 @@ def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
 
     docs = [_story(0), Document("plain", [TextSegment("a red circle", "target")])]
     layout = FAMILY.layout_config(model.config, model.vae.downsample)
-    row = concat_layouts([FAMILY.layout(d, tokenizer, layout) for d in docs], tokenizer.pad_id)
+    row = concat_layouts([FAMILY.layout(d, tokenizer, layout, config=model.config) for d in docs], tokenizer.pad_id)
     counts = FAMILY.loss_counts([row])
     assert counts["flow"] == 1 and counts["text"] == int((row.labels != -100).sum())
-    inputs = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3))
-    again = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3))
+    inputs = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3), config=model.config,
+                            tokenizer=tokenizer)
+    again = FAMILY.prepare(row, docs, layout, None, torch.Generator().manual_seed(3), config=model.config,
+                           tokenizer=tokenizer)
     assert [(i.target, i.t, i.noise_seed) for i in inputs] == [(i.target, i.t, i.noise_seed) for i in again]
     assert inputs[1].target is None
     parts = FAMILY.loss(model, [inputs])

@@ -116,3 +116,114 @@ def test_unknown_and_absent_folders(tmp_path):
         inspect_checkpoint(tmp_path / "nope")
     result = CliRunner().invoke(app, [str(tmp_path / "nope")])
     assert result.exit_code == 2
+
+
+# ------------------------------------------------------------------ every family through the protocol
+@pytest.fixture(scope="module")
+def duet_folders(tmp_path_factory):
+    """A duet checkpoint, and its parts written in the published layouts (Qwen2.5-VL in two shards,
+    a diffusers Wan folder with model_index.json and a sharded transformer)."""
+    from tapestry.models.duet import convert
+    from tapestry.models.duet.config import DuetConfig
+    from tapestry.models.duet.model import DuetModel
+
+    root = tmp_path_factory.mktemp("duet")
+    torch.manual_seed(0)
+    model = DuetModel(DuetConfig())
+    model.save_pretrained(root / "duet")
+    convert.write_qwen(model.mllm, root / "Qwen2.5-VL", shards=2)
+    convert.write_diffusers(model.dit.net, root / "Wan" / "transformer", max_shard_size="50KB")
+    convert.write_diffusers(model.vae.net, root / "Wan" / "vae")
+    convert.write_model_index(root / "Wan", "WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan")
+    return root, model
+
+
+def test_duet_checkpoint_and_published_layouts_from_headers(duet_folders, no_tensor_reads):
+    root, model = duet_folders
+    report = inspect_checkpoint(root / "duet")
+    assert (report["family"], report["layout"], report["ok"]) == ("duet", "tapestry", True), report["errors"]
+    groups = report["parameters"]["by_component"]
+    assert set(groups) == {"mllm", "connector", "dit", "vae"}
+    assert groups["dit"] == sum(p.numel() for p in model.dit.parameters())
+    assert any(line.startswith("connector: mlp, reads all layers") for line in report["summary"])
+
+    qwen = inspect_checkpoint(root / "Qwen2.5-VL")
+    assert (qwen["family"], qwen["layout"], qwen["ok"]) == ("duet", "qwen2.5-vl", True), qwen["errors"]
+    assert qwen["weights"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert qwen["parameters"]["total"] == sum(p.numel() for p in model.mllm.parameters())
+
+    wan = inspect_checkpoint(root / "Wan")
+    assert (wan["family"], wan["layout"], wan["ok"]) == ("duet", "diffusers", True), wan["errors"]
+    assert set(wan["parameters"]["by_component"]) == {"transformer", "vae"}
+    assert sum(w.startswith("transformer/diffusion_pytorch_model-") for w in wan["weights"]) > 1  # shards
+    alone = inspect_checkpoint(root / "Wan" / "transformer")
+    assert alone["layout"] == "diffusers-transformer" and alone["ok"]
+    assert alone["parameters"]["total"] == wan["parameters"]["by_component"]["transformer"]
+
+
+def test_duet_published_key_problems_use_the_published_names(duet_folders, tmp_path):
+    root, _ = duet_folders
+    qwen = tmp_path / "qwen"
+    shutil.copytree(root / "Qwen2.5-VL", qwen)
+    index = json.loads((qwen / "model.safetensors.index.json").read_text())
+    shard = qwen / index["weight_map"]["model.norm.weight"]
+    state = load_file(str(shard))
+    state.pop("model.norm.weight")
+    save_file(state, str(shard))
+    report = inspect_checkpoint(qwen)
+    assert not report["ok"] and report["missing"] == ["model.norm.weight"]
+    wan = tmp_path / "wan"
+    shutil.copytree(root / "Wan", wan)
+    vae = wan / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae))
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(vae))
+    report = inspect_checkpoint(wan)
+    assert report["unexpected"] == ["vae/extra.weight"] and not report["ok"]
+    result = CliRunner().invoke(app, [str(wan)])
+    assert result.exit_code == 1
+    assert "family: duet" in result.output and "vae/extra.weight" in result.output
+
+
+def test_mmi_checkpoint_and_published_components_from_headers(tmp_path, no_tensor_reads):
+    from test_models_mmi_convert import base_config, write_clip, write_llama, write_sd21
+
+    from tapestry.models.mmi.model import MMIModel
+
+    clip, llama, unet = (write_clip(tmp_path / "clip"), write_llama(tmp_path / "vicuna"), write_sd21(tmp_path / "sd"))
+    torch.manual_seed(0)
+    MMIModel(base_config()).save_pretrained(tmp_path / "mmi")
+
+    report = inspect_checkpoint(tmp_path / "clip")
+    assert (report["family"], report["layout"], report["ok"]) == ("mmi", "clip", True), report["errors"]
+    assert report["parameters"]["by_component"]["vision_model"] == sum(v.numel() for v in clip.values())
+    assert "5 text-tower / projection tensors, 1 stale position_ids" in report["notes"][0]
+    report = inspect_checkpoint(tmp_path / "vicuna")
+    assert (report["layout"], report["ok"]) == ("llama", True), report["errors"]
+    assert report["parameters"]["total"] == sum(v.numel() for v in llama.values())
+    report = inspect_checkpoint(tmp_path / "sd")
+    assert (report["layout"], report["ok"]) == ("stable-diffusion", True), report["errors"]
+    assert report["parameters"]["by_component"]["unet"] == sum(v.numel() for v in unet.values())
+    assert "v_prediction" in report["summary"][0]  # the scheduler's setting reaches the decoder config
+    report = inspect_checkpoint(tmp_path / "mmi")
+    assert (report["family"], report["layout"], report["ok"]) == ("mmi", "tapestry", True), report["errors"]
+    assert {"llm", "mmfs", "unet", "vision"} <= set(report["parameters"]["by_component"])
+
+
+def test_mmi_component_problems_are_listed(tmp_path):
+    from test_models_mmi_convert import write_clip
+
+    write_clip(tmp_path / "clip")
+    weights = tmp_path / "clip" / "model.safetensors"
+    state = load_file(str(weights))
+    state["vision_model.post_layernorm.weight"] = torch.zeros(3)
+    save_file(state, str(weights))
+    report = inspect_checkpoint(tmp_path / "clip")
+    assert not report["ok"]
+    assert report["shape_mismatch"] == [{"key": "vision_model.post_layernorm.weight", "expected": [16], "found": [3]}]
+
+
+def test_a_config_json_that_names_no_known_layout_is_unknown(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    report = inspect_checkpoint(tmp_path)
+    assert report["layout"] == "unknown" and report["family"] is None and "no known layout" in report["errors"][0]

@@ -85,7 +85,7 @@ def test_layout_places_images_and_supervises_text_boi_eos(tokenizer):
         assert labels[p.start - 2] == tokenizer.boi_id  # the model learns to emit <boi>
         assert row.position_ids[p.start : p.end].tolist() == list(range(p.start, p.end))  # sequential (LLaMA)
     assert ids[-1] == tokenizer.eos_id and labels[-2] == tokenizer.eos_id
-    assert loss_counts([row], cfg)["flow"] == 2 * 4 * 8 * 8  # images 2 and 3 only: 2 × C × s²
+    assert loss_counts([row], cfg)["image"] == 2 * 4 * 8 * 8  # images 2 and 3 only: 2 × C × s²
 
 
 def test_first_image_rules(tokenizer):
@@ -94,7 +94,7 @@ def test_first_image_rules(tokenizer):
     text_first = Document("t", [TextSegment("draw it"), ImageSegment(role="target", image=image(1))])
     for rule, expected in (("first_image", (1, 0)), ("leading_image", (1, 1))):
         cfg = tiny_config(tokenizer, skip_first_image=rule)
-        counts = tuple(loss_counts([layout_document(d, tokenizer, layout_of(cfg))], cfg)["flow"] // 256
+        counts = tuple(loss_counts([layout_document(d, tokenizer, layout_of(cfg))], cfg)["image"] // 256
                        for d in (leading, text_first))
         assert counts == expected, rule
 
@@ -144,7 +144,7 @@ def test_gates_at_zero_equal_the_model_without_mmfs_bitwise(tokenizer, model_and
     with torch.no_grad():
         assert torch.equal(lm_forward(with_mmfs, batch)[0], lm_forward(without, batch)[0])
         # the decoder: zero-initialized convs add exact zeros to the UNet's skip features
-        assert torch.equal(loss_sums(with_mmfs, batch)["flow"], loss_sums(without, batch)["flow"])
+        assert torch.equal(loss_sums(with_mmfs, batch)["image"], loss_sums(without, batch)["image"])
 
 
 def test_lm_matches_transformers_llama_forward_and_kv_cache(tokenizer, model_and_vae):
@@ -171,15 +171,15 @@ def test_loss_parts_first_image_and_dropped_samples(tokenizer):
     batch = rows_of(cfg, tokenizer, [story()], vae)
     parts = loss_sums(model, batch)
     counts = loss_counts([b.row for b in batch], cfg)
-    assert set(parts) == set(counts) == {"text", "flow"} and parts["flow"] > 0
-    (parts["text"] / counts["text"] + 10.0 * parts["flow"] / counts["flow"]).backward()
+    assert set(parts) == set(counts) == {"text", "image"} and parts["image"] > 0
+    (parts["text"] / counts["text"] + 10.0 * parts["image"] / counts["image"]).backward()
     assert model.decoder.unet.conv_in.weight.grad.abs().sum() > 0
     assert model.encoder.clip.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert model.decoder.negative.grad is None or model.decoder.negative.grad.abs().sum() == 0  # nothing dropped
     # one image only: it is the first, so there is no image loss at all
     single = Document("one", [TextSegment("draw it", role="target"), ImageSegment(role="target", image=image(5))])
     one = rows_of(cfg, tokenizer, [single], vae)
-    assert loss_counts([one[0].row], cfg)["flow"] == 0 and float(loss_sums(model, one)["flow"].detach()) == 0.0
+    assert loss_counts([one[0].row], cfg)["image"] == 0 and float(loss_sums(model, one)["image"].detach()) == 0.0
     # the shared `mmi` dropout: text removed (branch_document), no text loss -> images learn the negative
     doc = story()
     dropped_doc = branch_document(doc, "no_text", target=5)
@@ -188,7 +188,7 @@ def test_loss_parts_first_image_and_dropped_samples(tokenizer):
     model.zero_grad()
     out = loss_sums(model, dropped)
     assert float(out["text"].detach()) == 0.0
-    out["flow"].backward()
+    out["image"].backward()
     assert model.decoder.negative.grad.abs().sum() > 0
     assert model.decoder.resampler.latents.grad is None or model.decoder.resampler.latents.grad.abs().sum() == 0
 

@@ -2,44 +2,78 @@
 causality across images, and the null slot."""
 
 import torch
+import torch.nn.functional as F
 
 from tapestry.models.mmi.mmfs import MMFS, GatedMMFS, deform_sample, dense_reference, pixel_centres
 
 
-def _values(n, h, dh, sizes, dtype=torch.float64, seed=0):
+def _values(n, m, h, dh, sizes, dtype=torch.float64, seed=0):
+    """Per-level value maps of m images: [n, m, h, hh, ww, dh] (channels last)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, h, dh, hh, ww, generator=g, dtype=dtype) for hh, ww in sizes]
+    return [torch.randn(n, m, h, hh, ww, dh, generator=g, dtype=dtype) for hh, ww in sizes]
+
+
+def grid_sample_reference(values, locations, weights):
+    """The kernel's definition through F.grid_sample (zeros padding, align_corners=False): per
+    image, level, head and point a bilinear read, weighted, summed over images, levels, points."""
+    n, q, h, m, _, k, _ = locations.shape
+    out = 0
+    for level, value in enumerate(values):
+        hh, ww, dh = value.shape[-3:]
+        maps = value.permute(0, 1, 2, 5, 3, 4).reshape(n * m * h, dh, hh, ww)
+        grid = (2 * locations[:, :, :, :, level] - 1).permute(0, 3, 2, 1, 4, 5).reshape(n * m * h, q, k, 2)
+        sampled = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        w = weights[:, :, :, :, level].permute(0, 3, 2, 1, 4).reshape(n * m * h, 1, q, k)
+        term = (sampled * w).sum(-1).view(n, m, h, dh, q).sum(1)  # [N, H, Dh, Q]
+        out = out + term.permute(0, 3, 1, 2)
+    return out
 
 
 def test_points_on_every_pixel_equal_dense_attention():
     # K = every pixel of the largest level; smaller levels get their pixels plus zero-weight
-    # padding points, so one call covers all pixels of all levels.
-    n, q, h, dh = 2, 3, 2, 4
+    # padding points, so one call covers all pixels of all levels of both images.
+    n, q, h, m, dh = 2, 3, 2, 2, 4
     sizes = [(4, 5), (2, 3), (1, 2)]
-    values = _values(n, h, dh, sizes)
-    k = max(a * b for a, b in sizes)
+    pixels = [a * b for a, b in sizes]
+    values = _values(n, m, h, dh, sizes)
+    k = max(pixels)
     g = torch.Generator().manual_seed(1)
-    logits = [torch.randn(n, q, h, a * b, generator=g, dtype=torch.float64) for a, b in sizes]
-    dense_w = torch.cat(logits, -1).softmax(-1).split([a * b for a, b in sizes], -1)
-    locations = torch.zeros(n, q, h, len(sizes), k, 2, dtype=torch.float64)
-    weights = torch.zeros(n, q, h, len(sizes), k, dtype=torch.float64)
+    logits = torch.randn(n, q, h, m * sum(pixels), generator=g, dtype=torch.float64)
+    dense_w = logits.softmax(-1).view(n, q, h, m, sum(pixels)).split(pixels, -1)  # one softmax over all
+    locations = torch.zeros(n, q, h, m, len(sizes), k, 2, dtype=torch.float64)
+    weights = torch.zeros(n, q, h, m, len(sizes), k, dtype=torch.float64)
     for level, (a, b) in enumerate(sizes):
-        locations[:, :, :, level, : a * b] = pixel_centres(a, b)
-        weights[:, :, :, level, : a * b] = dense_w[level]
+        locations[:, :, :, :, level, : a * b] = pixel_centres(a, b)
+        weights[:, :, :, :, level, : a * b] = dense_w[level]
     sparse = deform_sample(values, locations, weights)
     dense = dense_reference(values, list(dense_w))
     assert sparse.shape == (n, q, h, dh)
     torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
 
 
+def test_kernel_equals_grid_sample_everywhere_including_outside_the_maps():
+    n, q, h, m, dh, k = 2, 5, 3, 3, 4, 6
+    sizes = [(7, 5), (3, 4), (2, 2)]
+    values = _values(n, m, h, dh, sizes, seed=4)
+    g = torch.Generator().manual_seed(5)
+    # a third of the points land outside [0, 1]: partly or wholly off the map, reading zeros
+    locations = -0.4 + 1.8 * torch.rand(n, q, h, m, len(sizes), k, 2, generator=g, dtype=torch.float64)
+    weights = torch.rand(n, q, h, m, len(sizes), k, generator=g, dtype=torch.float64)
+    ours = deform_sample(values, locations, weights)
+    torch.testing.assert_close(ours, grid_sample_reference(values, locations, weights), rtol=1e-12, atol=1e-12)
+    far = locations.clone()
+    far[..., 0] = 3.0  # every point far right of every map
+    assert torch.equal(deform_sample(values, far, weights), torch.zeros_like(ours))
+
+
 def test_sampling_path_gradcheck_float64():
-    n, q, h, dh, k = 1, 2, 2, 3, 2
+    n, q, h, m, dh, k = 1, 2, 2, 2, 3, 2
     sizes = [(3, 4), (2, 2)]
-    values = [v.requires_grad_() for v in _values(n, h, dh, sizes)]
+    values = [v.requires_grad_() for v in _values(n, m, h, dh, sizes)]
     g = torch.Generator().manual_seed(2)
     # away from pixel-centre lines, where bilinear interpolation is not differentiable
-    locations = (0.1 + 0.8 * torch.rand(n, q, h, len(sizes), k, 2, generator=g, dtype=torch.float64)).requires_grad_()
-    weights = torch.rand(n, q, h, len(sizes), k, generator=g, dtype=torch.float64).requires_grad_()
+    locations = (0.1 + 0.8 * torch.rand(n, q, h, m, len(sizes), k, 2, generator=g, dtype=torch.float64)).requires_grad_()
+    weights = torch.rand(n, q, h, m, len(sizes), k, generator=g, dtype=torch.float64).requires_grad_()
 
     def f(v0, v1, loc, w):
         return deform_sample([v0, v1], loc, w)

@@ -21,10 +21,10 @@ def test_mmi_tiny_trains_exports_and_generates(tmp_path):
 
     config = load_config(CONFIG, ["stages.0.steps=2", "checkpoint.every=2"])
     assert config.model.family == "mmi" and config.dropout.policy == "mmi"
-    assert config.stages[0].flow_weight == 10.0  # λ
+    assert config.stages[0].loss_weights == {"image": 10.0}  # λ
     summary = train(config, tmp_path / "run", quiet=True)
     assert summary["step"] == 2
-    assert summary["last"]["flow_loss"] > 0 and torch.isfinite(torch.tensor(summary["last"]["loss"]))
+    assert summary["last"]["image_loss"] > 0 and torch.isfinite(torch.tensor(summary["last"]["loss"]))
     export_checkpoint(tmp_path / "run", tmp_path / "export")
     pipe = Pipeline.from_pretrained(tmp_path / "export")
     assert type(pipe.engine.runtime).__name__ == "MMIRuntime"

@@ -24,7 +24,8 @@ def minimal() -> dict:
     return {"data": {"sources": [{"name": "a", "kind": "shards", "path": "x"}]}}
 
 
-@pytest.mark.parametrize("name", ["test-tiny.toml", "toyworld-default.toml"])
+@pytest.mark.parametrize("name", ["test-tiny.toml", "toyworld-default.toml", "duet-tiny.toml", "duet-toyworld.toml",
+                                  "mmi-tiny.toml", "mmi-toyworld.toml"])
 def test_shipped_configs_load_and_round_trip(name):
     config = load_config(CONFIGS / name)
     again = config_from_data(tomllib.loads(dump_toml(config)))
@@ -70,3 +71,45 @@ def test_stage_lookup_by_global_step():
     config = config_from_data({**minimal(), "stages": [{"name": "a", "steps": 3}, {"name": "b", "steps": 2}]})
     assert [config.stage_at(s)[1].name for s in range(5)] == ["a", "a", "a", "b", "b"]
     assert [config.stage_at(s)[2] for s in range(5)] == [0, 1, 2, 0, 1]
+
+
+def _family_config(family: str) -> dict:
+    return {"model": {"family": family}, **minimal()}
+
+
+def test_loss_weights_name_the_familys_own_parts():
+    from tapestry.train.loss import part_weights
+
+    # mmi's image part is "image": weighed through loss_weights, and flow_weight cannot reach it
+    config = config_from_data(_family_config("mmi"), ["stages.0.loss_weights={image = 10.0}"])
+    assert part_weights(config.stages[0], ("text", "image")) == {"text": 1.0, "image": 10.0}
+    with pytest.raises(TrainConfigError, match=r"stages.0.flow_weight: family 'mmi' has no loss part 'flow' "
+                                               r"\(its parts: \['text', 'image'\]\)"):
+        config_from_data(_family_config("mmi"), ["stages.0.flow_weight=10"])
+    with pytest.raises(TrainConfigError, match=r"stages.0.loss_weights: family 'mot' has no loss part 'nip'"):
+        config_from_data(minimal(), ["stages.0.loss_weights={nip = 2.0}"])
+    with pytest.raises(TrainConfigError, match=r"stages.0.text_weight: must be >= 0"):
+        config_from_data(minimal(), ["stages.0.text_weight=-1"])
+    # mot keeps the named shortcuts; loss_weights wins over them
+    stage = config_from_data(minimal(), ["stages.0.flow_weight=2", "stages.0.loss_weights={text = 0.5}"]).stages[0]
+    assert part_weights(stage, ("text", "flow")) == {"text": 0.5, "flow": 2.0}
+
+
+def test_loss_totals_follow_the_declared_parts():
+    from tapestry.models import family as families
+    from tapestry.train.loss import loss_totals
+
+    mmi = families.get("mmi")
+    assert list(loss_totals(mmi, {"image": 4, "text": 7})) == ["text", "image"]
+    with pytest.raises(ValueError, match=r"declares loss parts \['text', 'image'\] but counted \['flow', 'text'\]"):
+        loss_totals(mmi, {"text": 1, "flow": 2})
+
+
+def test_progress_lines_show_whatever_parts_a_family_has(capsys):
+    from tapestry.train.metrics import Progress
+
+    progress = Progress(total=4, start=0, quiet=False)
+    progress.update(1, {"loss": 3.0, "text_loss": 1.0, "image_loss": 0.2, "val_text_loss": 9.0, "lr": 1e-3,
+                        "tokens_per_s": 12.0})
+    line = capsys.readouterr().err
+    assert "text 1.0000  image 0.2000" in line and "flow" not in line and "val_text" not in line

@@ -101,7 +101,7 @@ def embed_row(model, inputs: Row):
 
 
 class TinyFamily:
-    name, recipe, param_groups = "tiny", TinyRecipe, ("body", "heads")
+    name, recipe, param_groups, loss_parts = "tiny", TinyRecipe, ("body", "heads"), ("text", "flow")
 
     def model_config(self, recipe, vocab_size, latent_channels):
         return TinyConfig(vocab_size, latent_channels, recipe.hidden, recipe.layers)
@@ -129,10 +129,10 @@ class TinyFamily:
         return LayoutConfig(vit_patch=config.vit_patch, vae_downsample=downsample, latent_patch=config.patch,
                             max_vit_side=8, max_latent_side=8, **choices)
 
-    def layout(self, doc, tokenizer, layout, supervise_text=True):
+    def layout(self, doc, tokenizer, layout, supervise_text=True, *, config=None):
         return layout_document(doc, tokenizer, layout, supervise_text=supervise_text)
 
-    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift=1.0):
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift=1.0, *, config=None, tokenizer=None):
         embeds, targets = {}, {}
         for n, p in enumerate(row.images):
             image = documents[p.doc].segments[p.segment].image

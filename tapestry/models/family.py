@@ -36,21 +36,25 @@ Config and weights
                                 the token grids this model reads (sizes come from the model)
 
 Training
-    layout(doc, tokenizer, layout, supervise_text) -> SequenceLayout
+    layout(doc, tokenizer, layout, supervise_text, *, config) -> SequenceLayout
                                 Document -> the family's packed sequence (tapestry.layout);
-                                condition dropout cuts the Document before this is called
-    prepare(row, documents, layout, codec, generator, timestep_shift) -> inputs
+                                condition dropout cuts the Document before this is called;
+                                `config` is the model config (sizes the layout does not carry)
+    prepare(row, documents, layout, codec, generator, timestep_shift, *, config, tokenizer)
                                 a packed row + its Documents -> the model's inputs (pixels,
                                 noised latents, targets), seeded by `generator`
     codec_pixels(row, documents, layout) -> [Tensor [3, H, W]]
                                 the pixels `prepare` will encode (batched ahead of time)
+    loss_parts: tuple[str]      the names of the parts `loss` and `loss_counts` return, in the
+                                order logs show them (mot: ("text", "flow"); mmi: ("text",
+                                "image"))
     loss_counts(rows, config) -> {part: count}
                                 denominators of each loss part over the *global* batch
     loss(model, batch) -> {part: summed loss tensor}
-                                named parts (e.g. "text" CE, "flow" MSE), summed over this
-                                process's rows; train/loss.py divides by the global counts and
-                                weighs them with the stage (`text_weight`, `flow_weight`,
-                                `loss_weights`)
+                                the named parts, summed over this process's rows; train/loss.py
+                                divides by the global counts and weighs each part by the stage's
+                                `loss_weights[part]` (`text_weight` / `flow_weight` are that
+                                weight for parts named "text" / "flow"; default 1)
     param_groups: tuple[str]    names of parameter groups (freeze sets, per-group lr); every
     group_of(name) -> str       parameter (name relative to the model) belongs to one
     blocks(model) -> [nn.Module]
@@ -59,6 +63,13 @@ Training
 
 Inference
     runtime(model, tokenizer, codec, layout) -> Runtime (below): what the engine drives
+
+Looking at a folder (optional: `tapestry inspect`)
+    inspect(folder) -> report | None
+                                what a folder of this family holds — its own checkpoint or a
+                                published layout it reads — from JSON configs and safetensors
+                                headers only (tapestry.models.inspection.new_report's keys);
+                                None when the folder is nothing this family reads
 """
 
 from __future__ import annotations
@@ -154,9 +165,12 @@ class Family(Protocol):
 
     def layout_config(self, config: Any, downsample: int, **choices) -> Any: ...
 
-    def layout(self, doc, tokenizer, layout, supervise_text: bool = True) -> Any: ...
+    loss_parts: tuple[str, ...]
 
-    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0) -> Any: ...
+    def layout(self, doc, tokenizer, layout, supervise_text: bool = True, *, config: Any) -> Any: ...
+
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0, *,
+                config: Any, tokenizer: Any) -> Any: ...
 
     def codec_pixels(self, row, documents, layout) -> list[Tensor]: ...
 
@@ -176,7 +190,8 @@ _REGISTRY: dict[str, Family] = {}
 
 def register(family: Family) -> Family:
     """Make `family` findable by `family.name` (a later registration of the name replaces it)."""
-    missing = [m for m in ("name", "recipe", "param_groups", "build", "loss", "runtime") if not hasattr(family, m)]
+    missing = [m for m in ("name", "recipe", "param_groups", "loss_parts", "build", "loss", "runtime")
+               if not hasattr(family, m)]
     if missing:
         raise FamilyError(f"{type(family).__name__} is not a model family: it lacks {missing}")
     _REGISTRY[family.name] = family

@@ -25,24 +25,14 @@ def _human(n: int) -> str:
 
 
 def render(report: dict, console: Console, limit: int = 20) -> None:
-    console.print(f"[bold]{escape(report['path'])}[/]  layout: [cyan]{report['layout']}[/]"
-                  + (f"  weights: {report['weights']}" if report["weights"] else ""))
-    cfg = report["config"]
-    if cfg:
-        llm = cfg["llm"]
-        console.print(
-            f"decoder: {llm['num_layers']} layers × 2 experts, hidden {llm['hidden_size']}, "
-            f"heads {llm['num_heads']}/{llm['num_kv_heads']} kv, head dim {llm['head_dim']}, "
-            f"MLP {llm['intermediate_size']}, vocab {llm['vocab_size']}"
-        )
-        if cfg.get("vit"):
-            v = cfg["vit"]
-            console.print(f"vit: {v['num_layers']} layers, hidden {v['hidden_size']}, patch {v['patch_size']}, "
-                          f"up to {v['max_patches_per_side']}² patches")
-        if cfg.get("latent"):
-            lt = cfg["latent"]
-            console.print(f"latents: {lt['channels']} channels, {lt['patch_size']}×{lt['patch_size']} patches, "
-                          f"up to {lt['max_side']}² tokens")
+    family = f"  family: [cyan]{report['family']}[/]" if report.get("family") else ""
+    weights = report["weights"]
+    if isinstance(weights, list):
+        weights = ", ".join(weights)
+    console.print(f"[bold]{escape(report['path'])}[/]{family}  layout: [cyan]{report['layout']}[/]"
+                  + (f"  weights: {escape(weights)}" if weights else ""))
+    for line in report.get("summary", []):
+        console.print(escape(line))
     params = report["parameters"]
     if params["total"]:
         table = Table("component", "parameters", title=f"parameters: {_human(params['total'])}", title_justify="left")
@@ -72,11 +62,13 @@ def render(report: dict, console: Console, limit: int = 20) -> None:
 
 
 def inspect_command(
-    path: Path = typer.Argument(..., help="A checkpoint folder (tapestry or BAGEL layout)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (layout, config, parameters, dtype, missing, unexpected, shape_mismatch, ok, ...)."),
+    path: Path = typer.Argument(..., help="A checkpoint folder: a tapestry checkpoint of any family, or a published "
+                                          "layout a family reads (BAGEL; Qwen2.5-VL; diffusers Wan / Cosmos / Stable "
+                                          "Diffusion; CLIP; LLaMA)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (family, layout, config, parameters, dtype, missing, unexpected, shape_mismatch, ok, ...)."),
 ) -> None:
-    """Tell what a checkpoint folder is before loading it: layout, config, parameters per
-    component, dtype and key coverage. Reads only file headers, never the tensors.
+    """Tell what a checkpoint folder is before loading it: family, layout, config, parameters
+    per component, dtype and key coverage. Reads only file headers, never the tensors.
 
     Exit code 0 when the checkpoint fits the model it describes, 1 when it does not.
 

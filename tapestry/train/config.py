@@ -140,9 +140,10 @@ class StageConfig:
     decay: str = ""  # "": schedule.decay
     freeze: list[str] = field(default_factory=list)  # names of the family's parameter groups
     lr_scale: dict[str, float] = field(default_factory=dict)  # group -> multiplier of the stage lr
-    text_weight: float = 1.0  # weight of the family's "text" loss part
-    flow_weight: float = 1.0  # λ of its "flow" part (the flow-matching MSE)
-    loss_weights: dict[str, float] = field(default_factory=dict)  # any other part -> weight (default 1)
+    # Loss part weights, by the names of the family's `loss_parts` (default 1 each):
+    text_weight: float = 1.0  # the part named "text" (every built-in family's next-token CE)
+    flow_weight: float = 1.0  # the part named "flow" (mot's and duet's flow-matching MSE)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # any part -> weight; wins over the two above
     mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight override
 
 
@@ -250,7 +251,8 @@ class TrainConfig:
         need(self.schedule.decay in ("cosine", "constant"), "schedule.decay", "must be cosine or constant")
         need(0 <= self.ema.decay < 1, "ema.decay", f"must be in [0, 1), got {self.ema.decay}")
 
-        groups = families.get(self.model.family).param_groups
+        family = families.get(self.model.family)
+        groups, parts = family.param_groups, tuple(family.loss_parts)
         need(bool(self.stages), "stages", "add at least one [[stages]] table")
         for i, s in enumerate(self.stages):
             key = f"stages.{i}"
@@ -261,6 +263,15 @@ class TrainConfig:
             for source in s.mixture:
                 need(source in names, f"{key}.mixture", f"unknown source {source!r}; sources: {names}")
             need(len(set(s.freeze)) < len(groups), f"{key}.freeze", "freezes every group; nothing would train")
+            for part, weight in s.loss_weights.items():
+                need(part in parts, f"{key}.loss_weights", f"family {family.name!r} has no loss part {part!r}; its "
+                     f"parts: {list(parts)}")
+                need(math.isfinite(weight) and weight >= 0, f"{key}.loss_weights.{part}", f"must be >= 0, got {weight}")
+            for part, weight in (("text", s.text_weight), ("flow", s.flow_weight)):
+                need(math.isfinite(weight) and weight >= 0, f"{key}.{part}_weight", f"must be >= 0, got {weight}")
+                need(weight == 1.0 or part in parts, f"{key}.{part}_weight",
+                     f"family {family.name!r} has no loss part {part!r} (its parts: {list(parts)}); set "
+                     f"{key}.loss_weights.<part> instead")
 
         par = self.parallel
         need(par.mode in ("auto", "none", "ddp", "fsdp"), "parallel.mode", "auto, none, ddp or fsdp")

@@ -15,6 +15,7 @@ val split here; their evaluation is skipped with a message.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ from tapestry.models import family as families
 from tapestry.train.config import TrainConfig
 from tapestry.train.data import ToyWorldSource
 from tapestry.train.dropout import KEEP, apply_decision
+from tapestry.train.loss import loss_totals
 from tapestry.train.parallel import Dist, all_reduce_sum, barrier, unwrap
 
 
@@ -49,7 +51,8 @@ class Validation:
         self.totals = None
         if not docs:
             return
-        layouts = [apply_decision(KEEP, doc, tokenizer, layout, family.layout)[1] for doc in docs]
+        layout_fn = functools.partial(family.layout, config=model_config)
+        layouts = [apply_decision(KEEP, doc, tokenizer, layout, layout_fn)[1] for doc in docs]
         budget = max(config.data.budget, max(x.length for x in layouts))
         rows = pack_layouts(layouts, budget, tokenizer.pad_id)
         by_id = {doc.id: doc for doc in docs}
@@ -57,13 +60,13 @@ class Validation:
             from tapestry.layout import concat_layouts
 
             rows.append(concat_layouts([], tokenizer.pad_id, budget))
-        self.totals = family.loss_counts(rows, model_config)
+        self.totals = loss_totals(family, family.loss_counts(rows, model_config))
         per_rank = len(rows) // d.world_size
         for r in range(d.rank * per_rank, (d.rank + 1) * per_rank):
             row = rows[r]
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 0x7A1, r]).generate_state(1)[0]))
             self.inputs.append(family.prepare(row, [by_id[p.id] for p in row.documents], layout, codec, generator,
-                                              config.data.timestep_shift))
+                                              config.data.timestep_shift, config=model_config, tokenizer=tokenizer))
 
     @property
     def enabled(self) -> bool:

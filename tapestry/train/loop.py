@@ -14,6 +14,7 @@ special case in DDP or FSDP2 and why resume matches an uninterrupted run bit for
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from tapestry.train import checkpoint as ckpt
 from tapestry.train.codecs import BatchEncoded, load_codec
 from tapestry.train.config import TrainConfig, TrainConfigError, config_from_data, dump_toml
 from tapestry.train.data import DocumentStream, build_source
-from tapestry.train.loss import LossModule, part_weights
+from tapestry.train.loss import LossModule, loss_totals, part_weights
 from tapestry.train.metrics import MetricsLog, Progress
 from tapestry.train.optim import EMA, apply_freeze, build_optimizer, set_lr, stage_lr
 from tapestry.train.packing import Packer
@@ -178,7 +179,8 @@ class Trainer:
         self.model_config = model_config_for(config, self.tokenizer, self.codec)
         self.layout = layout_for(config, self.model_config, self.codec)
         self.packer = Packer(make_stream(config), self.tokenizer, self.layout, config.dropout, config.seed,
-                             config.data.budget, config.data.rows, config.data.lookahead, self.family.layout)
+                             config.data.budget, config.data.rows, config.data.lookahead,
+                             functools.partial(self.family.layout, config=self.model_config))
         self._validation = None
         if config.data.rows % d.world_size:
             raise TrainConfigError(f"data.rows = {config.data.rows} does not split over {d.world_size} processes; "
@@ -214,8 +216,10 @@ class Trainer:
                                                  [batch.documents[r] for r in mine], self.layout))
         inputs = [family.prepare(batch.rows[r], batch.documents[r], self.layout, self.batch_codec,
                                  torch.Generator().manual_seed(row_seed(config.seed, step, r)),
-                                 config.data.timestep_shift) for r in mine]
-        totals = family.loss_counts(batch.rows, self.model_config)  # part -> count over the global batch
+                                 config.data.timestep_shift, config=self.model_config, tokenizer=self.tokenizer)
+                  for r in mine]
+        # part -> count over the global batch, in the family's loss_parts order
+        totals = loss_totals(family, family.loss_counts(batch.rows, self.model_config))
         weights = part_weights(stage, totals)
 
         _, _, in_stage = config.stage_at(step)

@@ -21,9 +21,19 @@ from torch import Tensor, nn
 
 
 def part_weights(stage, names) -> dict[str, float]:
-    """Weight of each loss part in a stage: text_weight, flow_weight, else loss_weights (default 1)."""
+    """Weight of each loss part in a stage, by part name: `loss_weights[name]`, else
+    `text_weight` / `flow_weight` for parts named "text" / "flow", else 1."""
     fixed = {"text": stage.text_weight, "flow": stage.flow_weight}
     return {name: float(stage.loss_weights.get(name, fixed.get(name, 1.0))) for name in names}
+
+
+def loss_totals(family, counts: dict[str, int]) -> dict[str, int]:
+    """The family's `loss_counts` in its `loss_parts` order (how logs list them), checked to
+    name exactly those parts."""
+    parts = tuple(family.loss_parts)
+    if set(counts) != set(parts):
+        raise ValueError(f"family {family.name!r} declares loss parts {list(parts)} but counted {sorted(counts)}")
+    return {name: counts[name] for name in parts}
 
 
 class LossModule(nn.Module):

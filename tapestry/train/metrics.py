@@ -89,9 +89,10 @@ class Progress:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / done * (self.total - step) if done else 0.0
-            print(f"step {step}/{self.total}  loss {record['loss']:.4f}  text {record['text_loss']:.4f}  "
-                  f"flow {record['flow_loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s  "
-                  f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+            parts = "".join(f"  {key.removesuffix('_loss')} {value:.4f}" for key, value in record.items()
+                            if key.endswith("_loss") and not key.startswith("val_"))
+            print(f"step {step}/{self.total}  loss {record['loss']:.4f}{parts}  lr {record['lr']:.2e}  "
+                  f"{record['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         if self.quiet:

@@ -11,8 +11,10 @@ Inference (`DuetRuntime`): the MLLM's KV cache is kept across text steps and ima
 states of every layer are kept for the connector; every image of the context is VAE-encoded
 once as a condition frame. When an image is drawn the connector output of the tokens before its
 <BOV> is computed once and reused at every denoising step. Every guidance branch runs on the
-context the engine built for it; DuetGen's negative (the same condition frames, the last text
-chunk removed) is the branch that drops the last text chunk and keeps the images. Because the
+context the engine built for it, all branches with the same frame sizes in one DiT forward
+(contexts padded and masked in the cross-attention); DuetGen's negative (the same condition
+frames, the last text chunk removed) is the branch that drops the last text chunk and keeps the
+images. Because the
 MLLM is causal, that context's hidden states are exactly the cond context's with the chunk's
 positions removed — the paper's "remove the final text chunk from the hidden-state sequence"
 (`_condition(ctx, drop_last_chunk=True)` computes it that way; a test checks both agree).
@@ -123,10 +125,7 @@ class DuetFamily:
     name = "duet"
     recipe = DuetRecipe
     param_groups = PARAM_GROUPS
-
-    def __init__(self):
-        self._configs: dict[Any, DuetConfig] = {}
-        self._tokenizers: dict[Any, Any] = {}
+    loss_parts = ("text", "flow")
 
     # -- config and weights ---------------------------------------------------------------------
     def model_config(self, recipe: DuetRecipe, vocab_size: int, latent_channels: int = 0) -> DuetConfig:
@@ -175,25 +174,20 @@ class DuetFamily:
         kept["latent_patch"] = config.dit.patch_size[1]
         if downsample:
             kept["vae_downsample"] = downsample
-        layout = LayoutConfig(**kept)
-        # the duet layout reads the MLLM's image sizes from the model config, which the protocol's
-        # layout() is not given: remember it under the (frozen, hashable) LayoutConfig
-        self._configs[layout] = config
-        return layout
+        return LayoutConfig(**kept)
 
-    def _config_of(self, layout) -> DuetConfig:
-        config = self._configs.get(layout)
-        if config is None:
-            raise ValueError("duet: layout() needs a LayoutConfig made by this family's layout_config()")
-        return config
+    def inspect(self, folder: str | Path):
+        """`tapestry inspect` for a duet checkpoint, a Qwen2.5-VL folder or a diffusers Wan /
+        Cosmos folder (headers only); None for anything else."""
+        from tapestry.models.duet.inspect import inspect_folder
+
+        return inspect_folder(folder)
 
     # -- training -------------------------------------------------------------------------------
-    def layout(self, doc, tokenizer, layout, supervise_text: bool = True):
+    def layout(self, doc, tokenizer, layout, supervise_text: bool = True, *, config: DuetConfig):
         """Document -> one SequenceLayout (a causal span; images as their image-pad runs)."""
         from tapestry.layout import DocumentPlacement, ImagePlacement, SequenceLayout, Span
 
-        config = self._config_of(layout)
-        self._tokenizers[layout] = tokenizer  # prepare lays the same Documents out again, with pixels
         tokens = DuetTokens.from_tokenizer(tokenizer)
         duet = layout_duet(doc, tokenizer, tokens, _image_input(config), pixels=False, supervise_text=supervise_text)
         merge = config.mllm.spatial_merge_size
@@ -205,12 +199,13 @@ class DuetFamily:
                               [Span(0, duet.length, "causal", 0)], images,
                               [DocumentPlacement(doc.id, 0, duet.length)])
 
-    def prepare(self, row, documents, layout, codec=None, generator=None, timestep_shift: float = 1.0):
+    def prepare(self, row, documents, layout, codec=None, generator=None, timestep_shift: float = 1.0, *,
+                config: DuetConfig, tokenizer):
         """A packed row -> one DuetInputs per document (pixels processed, flow choices drawn)."""
         from tapestry.models.common.flow import sample_timesteps
 
-        config = self._config_of(layout)
         image_input = _image_input(config)
+        tokens = DuetTokens.from_tokenizer(tokenizer)
         generator = generator or torch.Generator().manual_seed(0)
         shift = timestep_shift if timestep_shift != 1.0 else config.training.timestep_shift
         out = []
@@ -218,8 +213,7 @@ class DuetFamily:
             doc = documents[index]
             # the layout is a pure function of the Document: laying it out again (now with pixels)
             # gives the row's tokens back, plus the image bookkeeping the row does not carry
-            duet = layout_duet(doc, self.tokenizer_of(layout), DuetTokens.from_tokenizer(self.tokenizer_of(layout)),
-                               image_input)
+            duet = layout_duet(doc, tokenizer, tokens, image_input)
             ids = row.token_ids[placement.start:placement.end]
             if not torch.equal(duet.ids, ids):
                 raise ValueError(f"document {doc.id!r}: its packed tokens differ from its duet layout "
@@ -235,12 +229,6 @@ class DuetFamily:
             drop = bool(torch.rand((), generator=generator) < config.training.guidance_dropout)
             out.append(DuetInputs(duet, pick, t, seed, drop))
         return out
-
-    def tokenizer_of(self, layout):
-        tokenizer = self._tokenizers.get(layout)
-        if tokenizer is None:
-            raise ValueError("prepare() before layout(): the duet family needs the tokenizer its layout used")
-        return tokenizer
 
     def codec_pixels(self, row, documents, layout) -> list[Tensor]:
         return []  # the duet model encodes with its own VAE inside the loss
@@ -399,14 +387,26 @@ class DuetRuntime:
         return x.permute(0, 2, 3, 1).to(self.model.device)
 
     def denoise(self, contexts: dict[str, DuetContext], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]:
-        """Each branch on its own context: its frames and its connector reading. (Branches differ
-        in frame count and context length, so they run one after another.)"""
+        """Each branch on its own context: its frames and its connector reading. Batched, the
+        branches whose frames have the same sizes (DuetGen's negative keeps every frame) run in one
+        DiT forward, their contexts padded and masked; a branch with other frames (one that drops
+        images) runs in its own. Unbatched, one forward per branch."""
         latents = x[0].permute(2, 0, 1)  # [C, h, w]
-        out = {}
+        groups: dict[tuple, list[str]] = {}
         for name, ctx in contexts.items():
-            v = self.model.velocity(ctx.frames + [latents], float(t), self._condition(ctx, False))
-            out[name] = v.permute(1, 2, 0)[None]
-        return out
+            key = tuple(tuple(f.shape) for f in ctx.frames) if batched else (name,)
+            groups.setdefault(key, []).append(name)
+        out = {}
+        for names in groups.values():
+            frames = [contexts[name].frames + [latents] for name in names]
+            conditions = [self._condition(contexts[name], False) for name in names]
+            if len(names) == 1:
+                velocities = [self.model.velocity(frames[0], float(t), conditions[0])]
+            else:
+                velocities = self.model.velocities(frames, float(t), conditions)
+            for name, v in zip(names, velocities):
+                out[name] = v.permute(1, 2, 0)[None]
+        return {name: out[name] for name in contexts}
 
     def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         pixels = self.model.decode_latents(x[0].permute(2, 0, 1))[None]

@@ -156,6 +156,15 @@ class DuetModel(nn.Module):
         out = self.dit([f.to(self.device) for f in frames], times.to(self.device), context)
         return out[-1]
 
+    def velocities(self, frames: list[list[Tensor]], t: Tensor | float, contexts: list[Tensor]) -> list[Tensor]:
+        """`velocity` of several (frames, context) pairs — guidance branches — in one DiT forward;
+        every pair has the same frame sizes, contexts may differ in length. [C, h, w] each."""
+        times = torch.zeros(len(frames), len(frames[0]))
+        times[:, -1] = float(t)
+        out = self.dit.forward_batch([[f.to(self.device) for f in seq] for seq in frames], times.to(self.device),
+                                     contexts)
+        return [v[-1] for v in out]
+
     def flow_loss(self, layout: DuetLayout, out: MLLMOutput, sample: FlowSample) -> Tensor:
         """MSE of the target's velocity (a mean per sequence: one target image each, as the paper)."""
         indices = context_indices(layout, sample.target, sample.drop_last_chunk)

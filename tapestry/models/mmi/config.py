@@ -188,7 +188,7 @@ class MMIConfig:
     skip_first_image: str = "first_image"  # "first_image" (DESIGN) or "leading_image" (paper: image first in sequence)
     image_loss: str = "all"  # NIP on "all" images but the skipped first one, or only "target" images
     # λ = 10 of NTP + λ·NIP, 10 % text dropout and CFG 3.5 live in the training / generation
-    # settings (stages.flow_weight, dropout.policy = "mmi", --guidance cfg).
+    # settings (stages.loss_weights.image, dropout.policy = "mmi", --guidance cfg).
 
     SECTIONS = ("vision", "resampler", "llm", "mmfs", "decoder")
 

@@ -12,17 +12,16 @@ of those 77 tokens: a sample whose text the shared `mmi` dropout policy removed 
 loss on it) trains its images against the negative, earlier images still read through MMFS, and
 at inference every non-`cond` branch is that negative with the same images (classic CFG, 3.5).
 
-LayoutConfig fields, as mmi reads them (the protocol's `layout` gets no model config, so the
-sizes travel in the layout, set by `layout_config` from the model):
+LayoutConfig fields, as mmi reads them (set by `layout_config` from the model config, saved in
+pipeline.json with the layout, and checked against the model by `layout` and the runtime):
     max_vit_side     Q, resampled tokens per image (grid (1, Q))
     vae_downsample   the autoencoder's factor; targets are drawn at decoder.sample_size² latents
     target_size      (height, width) of generated images that declare none
     text_loss        "targets" or "all" (the paper trains on all text)
 
-Loss parts: "text" (CE summed over supervised tokens) and "flow" — the image part, named as
-every family's image-generation part is in train/ (its `flow_weight`, logs, validation): here
-the squared error of the UNet's ε / v prediction (the paper's NIP, Eq. 3) summed over the latent
-elements of every NIP image. The paper's λ = 10 is the stage's `flow_weight = 10.0`.
+Loss parts (`loss_parts`): "text" (CE summed over supervised tokens) and "image" — the squared
+error of the UNet's ε / v prediction (the paper's NIP, Eq. 3) summed over the latent elements of
+every NIP image. The paper's λ = 10 is the stage's `loss_weights = {image = 10.0}`.
 """
 
 from __future__ import annotations
@@ -251,7 +250,7 @@ def lm_forward(model: MMIModel, batch: Sequence[RowInputs]) -> tuple[Tensor, Ima
 
 
 def loss_sums(model: MMIModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
-    """{"text": CE summed over supervised tokens, "flow": NIP squared error summed over the latent
+    """{"text": CE summed over supervised tokens, "image": NIP squared error summed over the latent
     elements of every NIP image}; train/loss.py divides by `loss_counts` and weighs them."""
     device, cfg = model.device, model.config
     rows = [inputs.row for inputs in batch]
@@ -292,7 +291,7 @@ def loss_sums(model: MMIModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
         target = noise if cfg.decoder.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         prediction = model.decoder(x_t, t, cond, dec_memory, dec_visible)
         image = (prediction.float() - target.float()).pow(2).sum()
-    return {"text": text, "flow": image}
+    return {"text": text, "image": image}
 
 
 def loss_counts(rows: Sequence[SequenceLayout], config: MMIConfig) -> dict[str, int]:
@@ -308,7 +307,7 @@ def loss_counts(rows: Sequence[SequenceLayout], config: MMIConfig) -> dict[str, 
             first = index == 0 if config.skip_first_image == "first_image" else leading
             if not first and (config.image_loss == "all" or p.role == "target"):
                 images += 1
-    return {"text": text, "flow": images * d.latent_channels * d.sample_size**2}
+    return {"text": text, "image": images * d.latent_channels * d.sample_size**2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +547,7 @@ class MMIFamily:
     name = "mmi"
     recipe = MMIRecipe
     param_groups = PARAM_GROUPS
+    loss_parts = ("text", "image")
 
     def model_config(self, recipe: MMIRecipe, vocab_size: int, latent_channels: int) -> MMIConfig:
         return MMIConfig(vision=recipe.vision, resampler=recipe.resampler,
@@ -574,11 +574,23 @@ class MMIFamily:
     def layout_config(self, config: MMIConfig, downsample: int, **choices) -> LayoutConfig:
         return layout_config_for(config, downsample, **choices)
 
-    def layout(self, doc, tokenizer, layout: LayoutConfig, supervise_text: bool = True) -> SequenceLayout:
+    def inspect(self, folder: str | Path):
+        """`tapestry inspect` for an mmi checkpoint or a published CLIP / LLaMA / SD 2.x folder."""
+        from tapestry.models.mmi.inspect import inspect_folder
+
+        return inspect_folder(folder)
+
+    def layout(self, doc, tokenizer, layout: LayoutConfig, supervise_text: bool = True, *,
+               config: MMIConfig) -> SequenceLayout:
+        if layout.max_vit_side != config.resampler.queries:
+            raise ValueError(f"layout has {layout.max_vit_side} tokens per image but the model resamples to "
+                             f"{config.resampler.queries}; build the layout with layout_config(model config)")
         return layout_document(doc, tokenizer, layout, supervise_text)
 
-    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0) -> RowInputs:
-        return prepare_row(row, documents, layout, codec, generator)  # DDPM steps: no flow shift
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0, *,
+                config: MMIConfig, tokenizer=None) -> RowInputs:
+        # DDPM steps: no flow shift
+        return prepare_row(row, documents, layout, codec, generator, config.decoder.num_train_timesteps)
 
     def codec_pixels(self, row, documents, layout) -> list[Tensor]:
         return codec_pixels(row, documents, layout)

@@ -14,8 +14,12 @@ exactly zero, and a token may decline to read anything. Visibility is a boolean 
 [B, T, M] (token t may read image m) built by the layout; a masked image gets weight exactly
 0, which is what makes "a later image never changes an earlier token" hold bitwise.
 
-`deform_sample` is the sampling kernel, in plain PyTorch over `F.grid_sample` (CPU and GPU, with
-backward); a fused kernel can replace it behind the same signature.
+`deform_sample` is the sampling kernel, in plain PyTorch (CPU and GPU, with backward): the four
+bilinear taps of every point are computed at once and read, weighted and summed over images,
+levels and points by `F.embedding_bag` — one fused gather per level instead of `F.grid_sample`
+followed by a weighting and a reduction over materialized samples (what the first version did;
+the test suite keeps it as the reference the kernel must equal). A fused kernel can replace it
+behind the same signature.
 """
 
 from __future__ import annotations
@@ -27,39 +31,81 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def deform_sample(values: list[Tensor], locations: Tensor, weights: Tensor) -> Tensor:
-    """Weighted sum of bilinear samples from several feature levels.
+def bilinear_taps(pixels: Tensor, height: int, width: int, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The four pixels a bilinear read at each point touches, and their weights.
 
-    values[l]:  [N, H, Dh, h_l, w_l]     per-head value maps of level l
-    locations:  [N, Q, H, L, K, 2]       (x, y) in [0, 1] image coordinates (pixel centres at (i + .5)/w)
-    weights:    [N, Q, H, L, K]
-    returns     [N, Q, H, Dh]
-
-    Outside the map samples read zeros (grid_sample padding "zeros", align_corners=False), the
-    Deformable DETR convention.
+    pixels: [..., 2] (x, y) in pixels of a height × width map (pixel (i, j)'s centre at x = j,
+    y = i; a location in [0, 1] is location·size − ½); scale: [...] multiplies every weight (a
+    point's attention weight). Returns (row-major pixel index [..., 4] int64, weight [..., 4]). A
+    tap off the map gets weight 0 and a clamped index: F.grid_sample's padding "zeros" with
+    align_corners=False. Separable: two taps per axis (both axes in each op), the four corners
+    their outer product.
     """
-    n, q, h, levels, k, _ = locations.shape
-    grids = 2.0 * locations - 1.0  # grid_sample's [-1, 1]
+    size = pixels.new_tensor([width, height])  # [2]
+    low = pixels.floor()
+    frac = pixels - low  # the weights are differentiable in the points through this
+    # [..., 2 axes, 2 taps]: taps low and low + 1, each kept only while on the map
+    on_low = ((low >= 0) & (low <= size - 1)).to(pixels.dtype)
+    on_high = ((low >= -1) & (low <= size - 2)).to(pixels.dtype)
+    weight = torch.stack([(1 - frac) * on_low, frac * on_high], -1)
+    index = torch.stack([low, low + 1], -1).clamp(min=0).minimum((size - 1)[:, None])
+    wx, wy = weight[..., 0, :], weight[..., 1, :]
+    if scale is not None:
+        wy = wy * scale[..., None]
+    corners = (wy[..., :, None] * wx[..., None, :]).flatten(-2)
+    rows = (index[..., 1, :, None] * width + index[..., 0, None, :]).flatten(-2)  # exact: < height·width
+    return rows.to(torch.int64), corners
+
+
+def _gather(value: Tensor, pixels: Tensor, weights: Tensor) -> Tensor:
+    """One level: value [N, M, H, h, w, Dh]; pixels: [N, Q, H, M, K, 2] (pixel coordinates);
+    weights: [N, Q, H, M, K] -> [N·Q·H, Dh], summed over images and points."""
+    n, m, h, height, width, dh = value.shape
+    q = pixels.shape[1]
+    index, tap = bilinear_taps(pixels, height, width, weights)  # [N, Q, H, M, K, 4]
+    # the row of pixel p of (image n·M + m, head h) in the flattened [N·M·H·h·w, Dh] table
+    block = ((torch.arange(n, device=value.device)[:, None, None] * m
+              + torch.arange(m, device=value.device)[None, None, :]) * h
+             + torch.arange(h, device=value.device)[None, :, None]) * (height * width)  # [N, H, M]
+    rows = index + block[:, None, :, :, None, None]
+    table = value.reshape(n * m * h * height * width, dh)
+    bags = n * q * h
+    return F.embedding_bag(rows.reshape(bags, -1), table, per_sample_weights=tap.reshape(bags, -1).to(table.dtype),
+                           mode="sum")
+
+
+def deform_sample(values: list[Tensor], locations: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of bilinear samples from several images and feature levels.
+
+    values[l]:  [N, M, H, h_l, w_l, Dh]   per-head value maps of level l of M images (channels last)
+    locations:  [N, Q, H, M, L, K, 2]     (x, y) in [0, 1] image coordinates (pixel centres at (i + .5)/w)
+    weights:    [N, Q, H, M, L, K]
+    returns     [N, Q, H, Dh]             summed over images, levels and points
+
+    Taps off a map read zeros (`bilinear_taps`). Each level is one `F.embedding_bag` call: the
+    taps' rows in that level's maps (flattened to rows of Dh values) and their weights (point
+    weight × bilinear weight) make one bag per (query, head), read, weighted and summed in one
+    vectorized pass with backward for the values and the weights; no [.., Dh, Q, K] tensor of
+    samples is ever materialized.
+    """
+    n, q, h, m, levels, k, _ = locations.shape
     out = None
     for level, value in enumerate(values):
-        dh = value.shape[2]
-        # value: [N·H, Dh, h_l, w_l]; grid: [N·H, Q, K, 2] -> sampled: [N·H, Dh, Q, K]
-        grid = grids[:, :, :, level].permute(0, 2, 1, 3, 4).reshape(n * h, q, k, 2)
-        sampled = F.grid_sample(value.reshape(n * h, dh, *value.shape[-2:]), grid, mode="bilinear",
-                                padding_mode="zeros", align_corners=False)
-        w = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(n * h, 1, q, k)
-        term = (sampled * w).sum(-1)  # [N·H, Dh, Q]
+        height, width = value.shape[-3:-1]
+        pixels = locations[:, :, :, :, level] * locations.new_tensor([width, height]) - 0.5
+        term = _gather(value, pixels, weights[:, :, :, :, level])
         out = term if out is None else out + term
-    return out.view(n, h, -1, q).permute(0, 3, 1, 2)
+    return out.view(n, q, h, -1)
 
 
 def dense_reference(values: list[Tensor], weights: list[Tensor]) -> Tensor:
     """What `deform_sample` equals when the points sit on every pixel centre: a weighted sum
-    over all pixels. values[l]: [N, H, Dh, h_l, w_l]; weights[l]: [N, Q, H, h_l·w_l] (row-major)."""
+    over all pixels of all images. values[l]: [N, M, H, h_l, w_l, Dh]; weights[l]:
+    [N, Q, H, M, h_l·w_l] (row-major)."""
     out = None
     for value, w in zip(values, weights):
-        flat = value.flatten(3)  # [N, H, Dh, P]
-        term = torch.einsum("nqhp,nhdp->nqhd", w, flat)
+        flat = value.flatten(3, 4)  # [N, M, H, P, Dh]
+        term = torch.einsum("nqhmp,nmhpd->nqhd", w, flat)
         out = term if out is None else out + term
     return out
 
@@ -107,19 +153,20 @@ class MMFS(nn.Module):
         nn.init.zeros_(self.logits.bias)
 
     def values(self, features: list[Tensor]) -> list[Tensor]:
-        """features[l]: [N, C_f, h_l, w_l] -> per-head values [N, H, Dh, h_l, w_l]."""
+        """features[l]: [N, C_f, h_l, w_l] -> per-head values [N, H, h_l, w_l, Dh] (channels
+        last: the rows `deform_sample` gathers)."""
         if len(features) != self.levels:
             raise ValueError(f"MMFS expects {self.levels} feature levels, got {len(features)}")
         out = []
         for f in features:
             v = self.value(f.permute(0, 2, 3, 1))  # [N, h, w, D]
             n, hh, ww, _ = v.shape
-            out.append(v.view(n, hh, ww, self.heads, -1).permute(0, 3, 4, 1, 2))
+            out.append(v.view(n, hh, ww, self.heads, -1).permute(0, 3, 1, 2, 4).contiguous())
         return out
 
     def forward(self, x: Tensor, values: list[Tensor], visible: Tensor, reference: Tensor | None = None,
                 image_index: Tensor | None = None) -> Tensor:
-        """x: [B, T, D] queries; values[l]: [B, M, H, Dh, h_l, w_l] (from `values`, per image);
+        """x: [B, T, D] queries; values[l]: [B, M, H, h_l, w_l, Dh] (from `values`, per image);
         visible: [B, T, M] bool; reference: [B, T, 2] (x, y) in [0, 1], default the centre;
         image_index: [B, M] long, the embedding row of each image (default 0..M-1).
         Returns f_o: [B, T, D] (zero for a token that sees no image)."""
@@ -138,23 +185,25 @@ class MMFS(nn.Module):
         # projections run once per token and once per image instead of per (token, image) pair.
         qx = self.query(x)  # [B, T, D]
         embed = self.image_embed(image_index)  # [B, M, D]
-        offsets = (self.offsets(qx)[:, None] + F.linear(embed, self.offsets.weight)[:, :, None])
-        offsets = offsets.view(b, m, t, h, lv, k, 2)
-        sizes = torch.tensor([[v.shape[-1], v.shape[-2]] for v in values], dtype=x.dtype, device=x.device)
-        locations = reference[:, None, :, None, None, None, :] + offsets / sizes[:, None, :]  # [B, M, T, H, L, K, 2]
-        logits = (self.logits(qx)[:, None] + F.linear(embed, self.logits.weight)[:, :, None]).view(b, m, t, h, lv * k)
-        hidden = ~visible.transpose(1, 2)[:, :, :, None, None]  # [B, M, T, 1, 1]
-        logits = logits.masked_fill(hidden, float("-inf"))
+        token_offsets = self.offsets(qx).view(b, t, h, 1, lv, k, 2)
+        image_offsets = F.linear(embed, self.offsets.weight).view(b, 1, m, h, lv, k, 2).transpose(2, 3)
+        offsets = token_offsets + image_offsets  # [B, T, H, M, L, K, 2], in pixels of each level
+        logits = (self.logits(qx)[:, :, None] + F.linear(embed, self.logits.weight)[:, None])  # [B, T, M, H·L·K]
+        logits = logits.view(b, t, m, h, lv * k).masked_fill(~visible[:, :, :, None, None], float("-inf"))
         null = self.null_logit(x).view(b, t, h, 1)
         # softmax across images × levels × points (+ null), per head: [B, T, H, M·L·K + 1]
-        flat = torch.cat([logits.permute(0, 2, 3, 1, 4).reshape(b, t, h, m * lv * k), null], dim=-1)
-        weights = flat.softmax(-1)[..., :-1].view(b, t, h, m, lv, k).permute(0, 3, 1, 2, 4, 5)
-        per_image = deform_sample(
-            [v.flatten(0, 1) for v in values],
-            locations.flatten(0, 1),
-            weights.reshape(b * m, t, h, lv, k),
-        ).view(b, m, t, h, -1)
-        return self.out(per_image.sum(1).reshape(b, t, -1))
+        flat = torch.cat([logits.transpose(2, 3).reshape(b, t, h, m * lv * k), null], dim=-1)
+        weights = flat.softmax(-1)[..., :-1].view(b, t, h, m, lv, k)
+        # deform_sample, with the sampling points in pixels of each level directly: the reference
+        # point's pixel coordinate plus the offset (location·size − ½ of the [0, 1] convention)
+        read = None
+        for level, value in enumerate(values):
+            height, width = value.shape[-3:-1]
+            ref = reference * reference.new_tensor([width, height]) - 0.5  # [B, T, 2]
+            pixels = ref[:, :, None, None, None, :] + offsets[:, :, :, :, level]  # [B, T, H, M, K, 2]
+            term = _gather(value, pixels, weights[:, :, :, :, level])
+            read = term if read is None else read + term
+        return self.out(read.view(b, t, -1))  # [B·T·H, Dh] summed over images -> [B, T, D]
 
 
 class GatedMMFS(nn.Module):

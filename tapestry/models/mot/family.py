@@ -365,6 +365,7 @@ class MoTFamily:
     name = "mot"
     recipe = MoTRecipe
     param_groups = PARAM_GROUPS
+    loss_parts = ("text", "flow")
 
     # -- config and weights
     def model_config(self, recipe: MoTRecipe, vocab_size: int, latent_channels: int) -> MoTConfig:
@@ -401,6 +402,12 @@ class MoTFamily:
             return load_bagel(folder, device=device)
         return MoTModel.from_pretrained(folder, device=device)
 
+    def inspect(self, folder: str | Path):
+        """`tapestry inspect` for a mot checkpoint or a BAGEL release folder; None otherwise."""
+        from tapestry.models.mot.inspect import inspect_folder
+
+        return inspect_folder(folder)
+
     def is_upstream(self, folder: str | Path) -> bool:
         from tapestry.models.mot.bagel import is_bagel_folder
 
@@ -423,10 +430,12 @@ class MoTFamily:
         return layout_config_for(config, downsample, **choices)
 
     # -- training
-    def layout(self, doc, tokenizer, layout: LayoutConfig, supervise_text: bool = True) -> SequenceLayout:
-        return layout_document(doc, tokenizer, layout, supervise_text=supervise_text)
+    def layout(self, doc, tokenizer, layout: LayoutConfig, supervise_text: bool = True, *,
+               config: MoTConfig | None = None) -> SequenceLayout:
+        return layout_document(doc, tokenizer, layout, supervise_text=supervise_text)  # sizes are in `layout`
 
-    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0) -> RowInputs:
+    def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0, *,
+                config: MoTConfig | None = None, tokenizer=None) -> RowInputs:
         return prepare_row(row, documents, layout, codec, generator, timestep_shift)
 
     def codec_pixels(self, row, documents, layout) -> list[Tensor]:
