@@ -11,6 +11,8 @@ one `skipped` figure and exits 0.
    its speed-up.
 5. Training throughput (tokens/s) and MFU of a mid-size MoT on bf16 (6·N·tokens + attention FLOPs
    over the device's dense bf16 peak).
+6. The peak-memory estimator against torch.cuda.max_memory_allocated (training full /
+   checkpointed / LoRA, inference with 3 branches) on a mid-size bf16 config.
 """
 
 from __future__ import annotations
@@ -191,6 +193,24 @@ def check_throughput(device, quick):
                {"device": name, "peak_tflops": peak, "tokens": tokens})
 
 
+def check_memory_estimate(device, quick):
+    """The estimator against torch.cuda.max_memory_allocated on a mid-size config (bf16), where the
+    fused-attention stand-in is what the CUDA kernels really keep (`estimate_error_cuda_*`)."""
+    from dataclasses import asdict
+
+    from tapestry.models.mot.memory import Plan, estimate, measure
+
+    config = _config(hidden=512, layers=4, heads=8, kv=2, vocab=4096)
+    plans = {"train": Plan(mode="train", dtype="bf16", tokens=2048),
+             "train_checkpointing": Plan(mode="train", dtype="bf16", tokens=2048, activation_checkpointing=True),
+             "train_lora16": Plan(mode="train", dtype="bf16", tokens=2048, lora_rank=16, ema=False),
+             "infer": Plan(mode="inference", dtype="bf16", tokens=2048, image_tokens=1024, branches=3)}
+    for name, plan in plans.items():
+        predicted, measured = estimate(config, plan).peak, measure(config, plan, device=str(device))
+        figure(BENCH, f"estimate_error_cuda_{name}", predicted / measured - 1, "ratio", None, False,
+               {"predicted_bytes": predicted, "measured_bytes": measured, **asdict(plan)})
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     if not torch.cuda.is_available():
@@ -199,7 +219,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     failed = 0
-    for check in (check_flex, check_autocast, check_nccl, check_compile, check_throughput):
+    for check in (check_flex, check_autocast, check_nccl, check_compile, check_throughput, check_memory_estimate):
         try:
             check(device, args.quick)
         except Exception as exc:  # noqa: BLE001 - one failing check must not hide the others

@@ -1,5 +1,6 @@
-"""Distributed training on CPU: 2 processes (gloo) with DDP and with FSDP2 follow the loss curve of
-1 process with the same global batch, and a sharded checkpoint resumes in one process.
+"""Distributed training on CPU: 2 processes (gloo) with DDP, FSDP2 and FSDP2 with CPU offload follow
+the loss curve of 1 process with the same global batch, and a sharded checkpoint resumes in one
+process.
 
 Tolerance: every logged loss within 1e-5 (relative, losses are ~6) of the one-process run. The
 global batch is identical by construction (every process packs all rows, the loss is normalized
@@ -37,10 +38,14 @@ def records(run: Path) -> list[dict]:
 
 
 def torchrun(config_file: Path, out: Path, mode: str) -> None:
+    """mode: ddp, fsdp, or fsdp-offload (FSDP2 with CPUOffloadPolicy: on CPU processes the same
+    code path — shards, gradients and the optimizer step on host memory — with nothing to move)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tapestry.train", "train", str(config_file), "--out", str(out), "--quiet",
-               "--set", f"parallel.mode={mode}"]
+               "--set", f"parallel.mode={mode.removesuffix('-offload')}"]
+    if mode.endswith("-offload"):
+        command += ["--set", "parallel.cpu_offload=true"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -52,7 +57,7 @@ def runs(tmp_path_factory):
     config_file = root / "tiny.toml"
     config_file.write_text(dump_toml(config_from_data(raw)))
     train(config_from_data(raw), root / "single", quiet=True)
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp", "fsdp-offload"):
         torchrun(config_file, root / mode, mode)
     return {"root": root, "raw": raw}
 
@@ -65,14 +70,14 @@ def assert_same_curve(got: list[dict], want: list[dict]) -> None:
         assert a["tokens"] == b["tokens"] and a["docs"] == b["docs"], "the same global batch"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-offload"])
 def test_two_processes_follow_the_one_process_loss_curve(runs, mode):
     root = runs["root"]
     assert_same_curve(records(root / mode), records(root / "single"))
     final = root / mode / "checkpoints" / "step-00000006"
     shards = sorted(p.name for p in (final / "state").glob("*.distcp"))
     # FSDP2: each process wrote its own shards; DDP: replicated tensors are written once
-    assert shards == (["__0_0.distcp", "__1_0.distcp"] if mode == "fsdp" else shards)
+    assert shards == (["__0_0.distcp", "__1_0.distcp"] if mode.startswith("fsdp") else shards)
     assert sorted(p.name for p in (final / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
     single = json.loads((root / "single" / "checkpoints" / "step-00000006" / "data.json").read_text())
     assert json.loads((final / "data.json").read_text()) == single, "the data state does not depend on the world size"

@@ -61,6 +61,22 @@ Training
                                 the repeated units activation checkpointing, compile and FSDP2
                                 wrap
 
+Adapters (optional: a family without these methods trains every parameter)
+    add_adapters(model, recipe) -> [name]
+                                inject the adapters the recipe names (mot: peft LoRA from
+                                [model.lora], experts and modules chosen there) and return their
+                                parameter names (empty: none asked for). train/ then trains only
+                                those (minus frozen groups), keeps only them in checkpoints and
+                                EMA, and re-reads the base from `init_from`
+    save_adapters(model, recipe, folder, base) / load_adapters(model, folder)
+                                the adapters alone, in the family's own files
+    merge_adapters(model) -> model
+                                fold them into the base weights: a plain model again
+
+Upstream layouts (optional)
+    is_upstream(folder) / read_upstream(folder, device)
+                                a released checkpoint read in place (mot: BAGEL's layout)
+
 Inference
     runtime(model, tokenizer, codec, layout) -> Runtime (below): what the engine drives
 

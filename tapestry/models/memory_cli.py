@@ -47,14 +47,15 @@ def _train_plan(path: Path, model: Optional[str]):
         raise TapestryError(f"{path}: model.init_from = {source!r} is not a folder here; pass --model bagel-7b "
                             "to use the release's shapes")
     cfg = _model_config(source)
-    lora = getattr(config.model, "lora", None)
+    lora = getattr(config.model.arch, "lora", None)  # the mot recipe's [model.lora]
+    adapted = lora is not None and lora.rank > 0
     par = config.parallel
-    world = max(1, getattr(par, "world_size", 1) or 1)
-    plan = Plan(mode="train", dtype="bf16" if par.autocast == "bf16" or lora is not None else "fp32",
+    world = 1  # the processes come from torchrun, not the config: --world-size N for FSDP2 over N
+    plan = Plan(mode="train", dtype="bf16" if par.autocast == "bf16" or adapted else "fp32",
                 tokens=config.data.budget, rows=max(1, config.data.rows // world),
-                activation_checkpointing=par.activation_checkpointing, offload=getattr(par, "cpu_offload", False),
+                activation_checkpointing=par.activation_checkpointing, offload=par.cpu_offload,
                 world_size=world if par.mode == "fsdp" else 1, ema=config.ema.decay > 0)
-    if lora is not None and getattr(lora, "rank", 0):
+    if adapted:
         plan = replace(plan, lora_rank=lora.rank, lora_modules=list(lora.modules), lora_experts=list(lora.experts))
     return cfg, plan
 

@@ -113,18 +113,26 @@ def quiet_single_process():
         yield
 
 
-def training_state(module, optimizer, ema) -> dict[str, Any]:
-    """The DCP state dict: model, optimizer (keyed by parameter name) and EMA shards."""
+def training_state(module, optimizer, ema, model_keys: set[str] | None = None) -> dict[str, Any]:
+    """The DCP state dict: model, optimizer (keyed by parameter name) and EMA shards.
+
+    `model_keys`: keep only these model entries — a LoRA run's adapters. Its frozen base is
+    `model.init_from`, read again when the run resumes or is exported, so a checkpoint of a
+    7B-parameter fine-tune holds megabytes, not 15 GB."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    model = get_model_state_dict(module)
+    if model_keys is not None:
+        model = {k: v for k, v in model.items() if k in model_keys}
+    state = {"model": model, "optim": get_optimizer_state_dict(module, optimizer)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
 
 
 def save_checkpoint(run_dir: str | Path, step: int, d: Dist, module, optimizer, ema,
-                    trainer: dict[str, Any], data_state: dict[str, Any], config_toml: str, keep: int) -> Path:
+                    trainer: dict[str, Any], data_state: dict[str, Any], config_toml: str, keep: int,
+                    model_keys: set[str] | None = None) -> Path:
     import torch.distributed.checkpoint as dcp
 
     root = Path(run_dir) / CHECKPOINTS
@@ -137,7 +145,7 @@ def save_checkpoint(run_dir: str | Path, step: int, d: Dist, module, optimizer, 
         partial.mkdir()
     barrier(d)
     with quiet_single_process():
-        dcp.save(training_state(module, optimizer, ema), checkpoint_id=str(partial / "state"))
+        dcp.save(training_state(module, optimizer, ema, model_keys), checkpoint_id=str(partial / "state"))
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), partial / "rng" / f"rank-{d.rank}.pt")
     barrier(d)
@@ -159,21 +167,27 @@ def save_checkpoint(run_dir: str | Path, step: int, d: Dist, module, optimizer, 
     return final
 
 
-def load_checkpoint(path: str | Path, d: Dist, module, optimizer, ema) -> tuple[dict, dict]:
+def load_checkpoint(path: str | Path, d: Dist, module, optimizer, ema,
+                    model_keys: set[str] | None = None) -> tuple[dict, dict]:
     """Load model, optimizer and EMA into the (possibly wrapped) module; returns (trainer, data state).
+    With `model_keys` (what `save_checkpoint` kept) the rest of the model stays as built.
 
     A parameter the checkpoint holds no optimizer state for (frozen until this stage) starts
     Adam afresh. RNG states are restored for this rank (rank 0's when the checkpoint had fewer
     processes).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     path = Path(path)
     if not (path / "trainer.json").is_file() or not (path / "state" / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a complete training checkpoint (no trainer.json or state/)")
     saved = set(dcp.FileSystemReader(str(path / "state")).read_metadata().state_dict_metadata)
-    state = training_state(module, optimizer, ema)
+    state = training_state(module, optimizer, ema, model_keys)
     # get_optimizer_state_dict fills an empty optimizer's state with a zero-lr step; keep only
     # what the checkpoint has, so a parameter never stepped before gets no made-up Adam state
     fresh = [fqn for fqn in state["optim"]["state"] if f"optim.state.{fqn}.step" not in saved]
@@ -181,7 +195,7 @@ def load_checkpoint(path: str | Path, d: Dist, module, optimizer, ema) -> tuple[
         del state["optim"]["state"][fqn]
     with quiet_single_process():
         dcp.load(state, checkpoint_id=str(path / "state"))
-    set_model_state_dict(module, state["model"])
+    set_model_state_dict(module, state["model"], options=StateDictOptions(strict=model_keys is None))
     set_optimizer_state_dict(module, optimizer, state["optim"])
     by_name = dict(_named_parameters(module))
     for fqn in fresh:

@@ -47,7 +47,13 @@ EXPORT_HELP = """Write an inference checkpoint (EMA weights, config, tokenizer, 
 
   tapestry export runs/tiny --out models/tiny --step 200 --raw
 
+  tapestry export runs/inset-lora --out models/inset-adapters
+
+  tapestry export runs/inset-lora --out models/inset --merge-lora
+
 The folder loads with Pipeline.from_pretrained(DIR) (any family); see docs/training.md for its contents.
+A run that trained adapters (LoRA) exports them alone, in a folder that names its base model
+(model.init_from); --merge-lora writes the base with the adapters folded into its weights instead.
 """
 
 
@@ -88,12 +94,13 @@ def export_command(
     out: Path = typer.Option(..., "--out", help="Folder to write (replaced atomically if it exists)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest complete one)."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="A LoRA run: fold the adapters into the base weights and write one pipeline folder."),
 ) -> None:
     from tapestry.errors import TapestryError
     from tapestry.train.export import export_checkpoint
 
     try:
-        info = export_checkpoint(run_dir, out, step=step, weights="model" if raw else "ema")
+        info = export_checkpoint(run_dir, out, step=step, weights="model" if raw else "ema", merge_lora=merge_lora)
     except TapestryError as exc:
         raise _error(str(exc)) from None
     print(json.dumps(info))

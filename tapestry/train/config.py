@@ -65,6 +65,8 @@ class LayoutChoices:
     clean_copy: bool = True
     text_loss: str = "targets"  # "targets" | "all"
     target_size: list[int] = field(default_factory=lambda: [64, 64])
+    text_turns: bool = False  # each text run as a chat turn (BAGEL's <|im_start|> text <|im_end|>):
+    #                           true when fine-tuning a BAGEL-layout checkpoint, which was trained so
 
 
 SOURCE_KINDS = ("toyworld", "shards")
@@ -151,7 +153,10 @@ class StageConfig:
 class ParallelConfig:
     mode: str = "auto"  # "auto" (ddp under torchrun, else none) | "none" | "ddp" | "fsdp"
     device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer (the family's blocks) in backward
+    cpu_offload: bool = False  # mode "fsdp": parameters, gradients and AdamW states live in host RAM
+    #                           (FSDP2's CPUOffloadPolicy); each block is copied to the device for its
+    #                           forward and backward, and the optimizer steps on the CPU
     compile: bool = False
     autocast: str = "none"  # "none" | "bf16"
     threads: int = 0  # torch CPU threads per process (0: torch's default); on a CPU shared with
@@ -251,6 +256,12 @@ class TrainConfig:
         need(self.schedule.decay in ("cosine", "constant"), "schedule.decay", "must be cosine or constant")
         need(0 <= self.ema.decay < 1, "ema.decay", f"must be in [0, 1), got {self.ema.decay}")
 
+        check_recipe = getattr(self.model.arch, "validate", None)
+        if check_recipe is not None:  # the family's own checks of its [model] keys
+            try:
+                check_recipe()
+            except TapestryError as exc:
+                raise TrainConfigError(f"model.{exc}") from None
         family = families.get(self.model.family)
         groups, parts = family.param_groups, tuple(family.loss_parts)
         need(bool(self.stages), "stages", "add at least one [[stages]] table")
@@ -278,6 +289,8 @@ class TrainConfig:
         need(par.device in ("auto", "cpu", "cuda"), "parallel.device", "auto, cpu or cuda")
         need(par.autocast in ("none", "bf16"), "parallel.autocast", "none or bf16")
         need(par.threads >= 0, "parallel.threads", "must be >= 0 (0: torch's default)")
+        need(not par.cpu_offload or par.mode == "fsdp", "parallel.cpu_offload",
+             f"offloads FSDP2's shards; it needs parallel.mode = \"fsdp\" (got {par.mode!r})")
         need(self.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
         need(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         need(self.log.every >= 1, "log.every", "must be >= 1")

@@ -8,7 +8,9 @@
         train_config.toml                the run's config, for the record
         export.json                      which run, step and weights (EMA or raw) this is
 
-`Pipeline.from_pretrained(OUT)` generates with it.
+`Pipeline.from_pretrained(OUT)` generates with it. A LoRA run exports its adapters alone
+(OUT/adapter.json + the family's adapter files, naming `model.init_from` as the base), or with
+`--merge-lora` the pipeline folder above with the adapters folded into the base weights.
 
 The EMA weights (fp32) are written in the model's dtype. This runs in one process and is the
 one place that holds a full copy of the weights; the checkpoint it reads may have been written
@@ -44,14 +46,18 @@ def checkpoint_at(run_dir: Path, step: int | None) -> Path:
 
 
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
-                      weights: str = "ema") -> dict[str, Any]:
-    """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model"."""
+                      weights: str = "ema", merge_lora: bool = False) -> dict[str, Any]:
+    """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model".
+
+    A run whose recipe adds adapters (LoRA) writes an adapter folder (the adapters alone, naming
+    `model.init_from` as their base), or with `merge_lora` a pipeline folder of the base with the
+    adapters folded into its weights."""
     import torch.distributed.checkpoint as dcp
 
     from tapestry.atomic import atomic_dir
     from tapestry.models.common.checkpoint import expected_shapes
-    from tapestry.models.pipeline_folder import save_pipeline
-    from tapestry.train.loop import TOKENIZER_DIR, family_of, layout_for, load_tokenizer, model_config_for
+    from tapestry.models.pipeline_folder import save_adapter_folder, save_pipeline
+    from tapestry.train.loop import TOKENIZER_DIR, add_adapters, family_of, layout_for, load_tokenizer, model_config_for
     from tapestry.train.parallel import Dist
 
     run_dir, out = Path(run_dir), Path(out)
@@ -66,31 +72,59 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     model_config = model_config_for(config, tokenizer, codec)
     with torch.device("meta"):
         model = family.build(model_config)
-    # each tied tensor once, under its first name (what save_pretrained writes)
-    keys = set(expected_shapes(model))
-    shapes = {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items() if k in keys}
-    part = weights if weights == "model" else "ema"
+    adapters = add_adapters(config, family, model)
+    if merge_lora and adapters is None:
+        raise ckpt.CheckpointError(f"{run_dir}: this run trained no adapters (its recipe names none); export it "
+                                   "without --merge-lora")
     trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    part = weights if weights == "model" else "ema"
     if part == "ema" and config.ema.decay == 0:
         part = "model"  # the run kept no EMA
-    if part == "ema":
-        # EMA holds parameters only (each tied tensor once); buffers come from the model state
-        names = {n for n in shapes if n in _parameter_names(model)}
-        state = {"ema": {n: torch.empty(shapes[n].shape, dtype=torch.float32) for n in names}}
-    else:
-        state = {"model": shapes}
-    with ckpt.quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path / "state"))
-    loaded = {k[len("model."):]: v for k, v in state[part].items()}
-    dtype = next(iter(shapes.values())).dtype
-    full = {k: v.to(dtype) for k, v in loaded.items()}
-    exported = family.from_state_dict(model_config, full, source=str(path))
+    layout = layout_for(config, model_config, codec)
     defaults = {"shift": config.data.timestep_shift}  # the engine's defaults for the rest
+    if adapters is not None:
+        # the checkpoint holds the adapters alone: the base is init_from, read again
+        base = Path(config.model.init_from)
+        if not base.is_dir():
+            raise ckpt.CheckpointError(f"{path}: the adapters' base model.init_from = {str(base)!r} is not a folder here")
+        model = family.from_pretrained(base)
+        add_adapters(config, family, model)
+        params = dict(model.named_parameters())
+        names = sorted(adapters)
+        state = {part: {f"model.{n}": torch.empty(params[n].shape, dtype=torch.float32 if part == "ema" else
+                                                  params[n].dtype) for n in names}}
+        with ckpt.quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path / "state"))
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(state[part][f"model.{n}"])
+        exported = family.merge_adapters(model) if merge_lora else model
+    else:
+        # each tied tensor once, under its first name (what save_pretrained writes)
+        keys = set(expected_shapes(model))
+        shapes = {f"model.{k}": torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items() if k in keys}
+        if part == "ema":
+            # EMA holds parameters only (each tied tensor once); buffers come from the model state
+            names = {n for n in shapes if n in _parameter_names(model)}
+            state = {"ema": {n: torch.empty(shapes[n].shape, dtype=torch.float32) for n in names}}
+        else:
+            state = {"model": shapes}
+        with ckpt.quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path / "state"))
+        loaded = {k[len("model."):]: v for k, v in state[part].items()}
+        dtype = next(iter(shapes.values())).dtype
+        full = {k: v.to(dtype) for k, v in loaded.items()}
+        exported = family.from_state_dict(model_config, full, source=str(path))
     with atomic_dir(out) as tmp:
-        save_pipeline(tmp, exported, tokenizer, codec, layout_for(config, model_config, codec), defaults)
+        if adapters is not None and not merge_lora:
+            save_adapter_folder(tmp, family, exported, config.model.arch, config.model.init_from, layout, defaults)
+        else:
+            save_pipeline(tmp, exported, tokenizer, codec, layout, defaults)
         (tmp / "train_config.toml").write_text((path / "config.toml").read_text(encoding="utf-8"), encoding="utf-8")
         info = {"run": str(run_dir), "checkpoint": path.name, "step": trainer["step"], "weights": part,
-                "parameters": sum(p.numel() for p in exported.parameters())}
+                "adapters": "merged" if merge_lora else ("alone" if adapters is not None else "none"),
+                "parameters": sum(p.numel() for n, p in exported.named_parameters()
+                                  if adapters is None or merge_lora or n in adapters)}
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return {**info, "out": str(out)}
 

@@ -5,7 +5,8 @@
 A step: pack the global batch (every process packs the same rows), take this process's rows,
 attach pixels and noised latents (seeded per step and row), forward + backward through the
 LossModule, clip, AdamW, EMA. The model is whatever family `model.family` names: the loop calls
-only the family protocol (tapestry/models/family.py). At each stage start the model, its wrappers and the optimizer are
+only the family protocol (tapestry/models/family.py). A recipe that names adapters (`mot`:
+[model.lora]) trains only them on the `init_from` model, and its checkpoints hold only them. At each stage start the model, its wrappers and the optimizer are
 built afresh with that stage's freeze set and loaded from the checkpoint written at the end of
 the previous stage — the same thing a resumed run does, which is why a stage change needs no
 special case in DDP or FSDP2 and why resume matches an uninterrupted run bit for bit on CPU.
@@ -152,7 +153,18 @@ def layout_for(config: TrainConfig, model_config, codec) -> LayoutConfig:
     return family_of(config).layout_config(
         model_config, codec.downsample, references_as_vae=choices.references_as_vae,
         context_as_vae=choices.context_as_vae, clean_copy=choices.clean_copy, text_loss=choices.text_loss,
-        target_size=tuple(choices.target_size))
+        target_size=tuple(choices.target_size), text_turns=choices.text_turns)
+
+
+def add_adapters(config: TrainConfig, family, model) -> set[str] | None:
+    """The adapters the recipe names (LoRA for `mot`), injected into `model`: their parameter
+    names, or None when the recipe names none (or the family has none) and every parameter trains."""
+    inject = getattr(family, "add_adapters", None)
+    names = set(inject(model, config.model.arch)) if inject is not None else set()
+    if names and not config.model.init_from:
+        raise TrainConfigError("model: the recipe adds adapters, which fine-tune a pretrained model; set "
+                               "model.init_from to its folder (a BAGEL-layout or tapestry pipeline folder)")
+    return names or None
 
 
 @dataclass
@@ -161,6 +173,12 @@ class Built:
     model: torch.nn.Module  # the family's model inside it
     optimizer: torch.optim.AdamW
     ema: EMA | None
+    adapters: set[str] | None = None  # adapter parameter names (relative to the model); None: no adapters
+
+    @property
+    def saved_keys(self) -> set[str] | None:
+        """Model entries a checkpoint keeps (names inside the LossModule): the adapters alone, or all."""
+        return None if self.adapters is None else {f"model.{n}" for n in self.adapters}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,12 +214,15 @@ class Trainer:
             with torch.device(self.d.device):
                 model = self.family.build(self.model_config)
             self.family.initialize(model, self.config.model.arch)  # pretrained parts the recipe names
+        adapters = add_adapters(self.config, self.family, model)  # seeded above: the same in every process
         model.train()
-        apply_freeze(model, stage.freeze, self.family)
+        apply_freeze(model, stage.freeze, self.family, adapters)
         module = parallelize(LossModule(model, self.family), self.config.parallel, self.d)
         optimizer = build_optimizer(module, self.config, self.family)
-        ema = EMA(module, self.config.ema.decay) if self.config.ema.decay > 0 else None
-        return Built(module, model, optimizer, ema)
+        built = Built(module, model, optimizer, None, adapters)
+        if self.config.ema.decay > 0:
+            built.ema = EMA(module, self.config.ema.decay, built.saved_keys)
+        return built
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -269,7 +290,11 @@ class Trainer:
                     progress.message("eval: no ToyWorld source to draw val documents from; validation skipped")
             if self._validation.enabled:
                 out.update(self._validation.loss(built.module))
-        if ev.judge_every and step % ev.judge_every == 0:
+        if ev.judge_every and step % ev.judge_every == 0 and built.adapters is not None:
+            if step == ev.judge_every:
+                progress.message("eval: judged samples need a merged model; an adapter run exports one with "
+                                 "`tapestry export --merge-lora` (skipped)")
+        elif ev.judge_every and step % ev.judge_every == 0:
             docs = evaluate.val_documents(self.config, ev.judge_docs)
             judged = evaluate.judged_samples(built, self, docs, ev.judge_steps) if docs else None
             if judged is not None:
@@ -284,7 +309,8 @@ class Trainer:
         trainer = {"stage": stage_index, "tokens": tokens, "lr": lr, "world_size": self.d.world_size,
                    "mode": self.d.mode}
         return ckpt.save_checkpoint(self.run_dir, step, self.d, built.module, built.optimizer, built.ema,
-                                    trainer, self.packer.state(), self.config_toml, self.config.checkpoint.keep)
+                                    trainer, self.packer.state(), self.config_toml, self.config.checkpoint.keep,
+                                    built.saved_keys)
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Train to the end (or to global step `stop_after`, where a checkpoint is written)."""
@@ -317,7 +343,8 @@ class Trainer:
                 stage_end = sum(s.steps for s in config.stages[: stage_index + 1])
                 built = self.build(stage)
                 if load_from is not None:
-                    _, data_state = ckpt.load_checkpoint(load_from, d, built.module, built.optimizer, built.ema)
+                    _, data_state = ckpt.load_checkpoint(load_from, d, built.module, built.optimizer, built.ema,
+                                                         built.saved_keys)
                     if load_from == latest:  # within a run the packer already holds this state
                         self.packer.load_state(data_state)
                 while step < min(stage_end, end):

@@ -33,9 +33,15 @@ def named_groups(module: nn.Module, family) -> dict[str, list[tuple[str, nn.Para
     return groups
 
 
-def apply_freeze(module: nn.Module, freeze: list[str], family) -> None:
+def apply_freeze(module: nn.Module, freeze: list[str], family, adapters: set[str] | None = None) -> None:
+    """Train every parameter outside the frozen groups; with `adapters` (names relative to the
+    model, from `Family.add_adapters`), only those adapters, still minus the frozen groups (an
+    adapter on a frozen expert stays frozen)."""
     for name, param in module.named_parameters():
-        param.requires_grad_(group_of(name, family) not in freeze)
+        trainable = group_of(name, family) not in freeze
+        if adapters is not None:
+            trainable = trainable and _WRAPPER_PREFIX.sub("", name) in adapters
+        param.requires_grad_(trainable)
 
 
 def build_optimizer(module: nn.Module, config: TrainConfig, family) -> torch.optim.AdamW:
@@ -87,21 +93,27 @@ class EMA:
     full host copies and ran out of host RAM at scale).
     """
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, names: set[str] | None = None):
+        """`names` (of `unwrap(module)`'s parameters): track only these — a LoRA run's adapters,
+        since the frozen base never moves and its average is itself."""
         self.decay = decay
         # names without a DDP wrapper's "module." prefix: the same in every mode, so checkpoints
         # written under DDP, FSDP2 or one process hold the same EMA keys
-        self.names = [n for n, _ in unwrap(module).named_parameters()]
-        self.shadow = [p.detach().to(torch.float32).clone() for p in unwrap(module).parameters()]
+        self.only = names
+        self.names = [n for n, _ in self._named(module)]
+        self.shadow = [p.detach().to(torch.float32).clone() for _, p in self._named(module)]
+
+    def _named(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in unwrap(module).named_parameters() if self.only is None or n in self.only]
 
     @torch.no_grad()
     def copy_from(self, module: nn.Module) -> None:
-        for s, p in zip(self.shadow, unwrap(module).parameters(), strict=True):
+        for s, (_, p) in zip(self.shadow, self._named(module), strict=True):
             local(s).copy_(local(p.detach()))
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        params = [local(p.detach()).to(torch.float32) for p in unwrap(module).parameters()]
+        params = [local(p.detach()).to(torch.float32) for _, p in self._named(module)]
         torch._foreach_lerp_([local(s) for s in self.shadow], params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ from torch.distributed; this module wraps it.
     init_distributed()    torchrun's environment -> process group (gloo on CPU, nccl on GPU)
     parallelize(module)   activation checkpointing and torch.compile per block (the family's
                           `blocks(model)`: decoder layers), then DDP or FSDP2 (`fully_shard` per
-                          block, then the root)
+                          block, then the root; with `cpu_offload`, FSDP2's CPUOffloadPolicy)
 
 Under FSDP2 a parameter unused on one process (an expert with no tokens in its rows) still
 takes part in the gradient reduce-scatter as zeros (`set_reduce_scatter_unused_params`), so
@@ -132,7 +132,7 @@ def parallelize(module: nn.Module, config: ParallelConfig, d: Dist) -> nn.Module
         import warnings
 
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         # a block may return views of its outputs (MoTLayer: keys and values for the KV cache);
         # FSDP2 warns that an in-place op on such a view would skip its all-gather. The models
@@ -140,9 +140,12 @@ def parallelize(module: nn.Module, config: ParallelConfig, d: Dist) -> nn.Module
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
         mesh = init_device_mesh(d.device.type, (d.world_size,))
+        # CPU offload: each process keeps its shards (and their gradients and AdamW states) in
+        # pinned host memory; FSDP2 copies a block's shards to the device before gathering it
+        offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if config.cpu_offload else OffloadPolicy()
         for layer in decoder_layers(module):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+            fully_shard(layer, mesh=mesh, offload_policy=offload)
+        fully_shard(module, mesh=mesh, offload_policy=offload)
         module.set_reduce_scatter_unused_params(True)
         return module
     if d.mode == "ddp":

@@ -35,6 +35,7 @@ from tapestry.models.common.flow import interpolate, sample_timesteps, velocity_
 from tapestry.models.common.patches import patchify, unpatchify
 from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
 from tapestry.models.mot.context import Block, Context, step_mask
+from tapestry.models.mot.lora import LoraSpec
 from tapestry.models.mot.model import KVCache, MoTModel, batched_step_mask
 from tapestry.models.vae.protocol import Autoencoder
 
@@ -359,6 +360,13 @@ class MoTRecipe:
     use_vit: bool = True  # false: no understanding encoder (given images enter as VAE tokens only)
     use_latent: bool = True  # false: a text-only model (DuetGen stage 1 keeps its gen path frozen)
     init_vit: str = ""  # an encoder folder from `tapestry vit pretrain` (the role SigLIP plays)
+    # [model.lora]: peft LoRA adapters on the decoder (rank 0: none, every parameter trains);
+    # experts und / gen and modules q/k/v/o_proj, gate/up/down_proj are chosen separately
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(rank=0))
+
+    def validate(self) -> "MoTRecipe":
+        self.lora.validate()  # layer indices are checked against the model (init_from may set its depth)
+        return self
 
 
 class MoTFamily:
@@ -392,6 +400,31 @@ class MoTFamily:
             from tapestry.models.mot.encoder import load_pretrained_vit
 
             load_pretrained_vit(model, recipe.init_vit)
+
+    # -- adapters (LoRA through peft; tapestry/models/mot/lora.py)
+    def add_adapters(self, model: MoTModel, recipe: MoTRecipe) -> list[str]:
+        """Inject the LoRA adapters `recipe.lora` names (none at rank 0); their parameter names."""
+        if not recipe.lora.rank:
+            return []
+        from tapestry.models.mot.lora import add_lora, lora_parameters
+
+        add_lora(model, recipe.lora)
+        return list(lora_parameters(model))
+
+    def save_adapters(self, model: MoTModel, recipe: MoTRecipe, folder: str | Path, base: str = "") -> Path:
+        from tapestry.models.mot.lora import save_adapter
+
+        return save_adapter(model, recipe.lora, folder, base)
+
+    def load_adapters(self, model: MoTModel, folder: str | Path) -> None:
+        from tapestry.models.mot.lora import load_adapter
+
+        load_adapter(model, folder)
+
+    def merge_adapters(self, model: MoTModel) -> MoTModel:
+        from tapestry.models.mot.lora import merge_lora
+
+        return merge_lora(model)
 
     def from_pretrained(self, folder: str | Path, device="cpu") -> MoTModel:
         from tapestry.models.mot.bagel import is_bagel_folder

@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from tapestry.errors import TapestryError
@@ -44,8 +45,10 @@ class LoraSpec:
     layers: list[int] = field(default_factory=list)  # empty: every decoder layer
 
     def validate(self, num_layers: int | None = None) -> "LoraSpec":
-        if self.rank < 1:
-            raise LoraError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.rank < 0:
+            raise LoraError(f"lora.rank must be >= 1 (or 0: no adapters), got {self.rank}")
+        if self.alpha <= 0:
+            raise LoraError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise LoraError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         bad = sorted(set(self.modules) - set(ATTENTION + MLP))
@@ -76,9 +79,16 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     from peft import inject_adapter_in_model
 
     spec.validate(len(model.layers))
+    if spec.rank == 0:
+        raise LoraError("lora.rank is 0: there are no adapters to add")
     inject_adapter_in_model(spec.peft_config(), model)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name and param.dtype != torch.float32:
+            # inject_adapter_in_model makes adapters in the base dtype (bf16 for BAGEL); a bf16
+            # weight drops most of a small AdamW update, so adapters train in float32 (what
+            # peft's get_peft_model does with autocast_adapter_dtype)
+            param.data = param.data.float()
     if not any(p.requires_grad for p in model.parameters()):
         raise LoraError(f"lora: no module matched {spec.target_regex()!r}")
     return model

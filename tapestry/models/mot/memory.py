@@ -16,14 +16,19 @@ How each part is counted:
   layer on the meta device under `saved_tensors_hooks` at the real token count and expert split
   (no memory, no compute), times the number of layers; with activation checkpointing, one layer's
   input per layer plus one layer's saved tensors during its recomputation. Plus the logits of
-  supervised tokens (float32, with their gradient).
-- inference: KV cache (layers × 2 × kv heads × head dim × tokens × branches) and the largest
-  temporary of one layer's forward (also traced on meta), plus next-token logits.
+  supervised tokens (float32, with their gradient). Attention is a stand-in with what fused
+  kernels keep (`_stand_in_attention`), not the meta device's math path.
+- inference: the generation of one image (`_generation_step`: each branch's prefill into its KV
+  cache, then one batched denoising step) run whole on the meta device, counting every storage
+  from its creation to its release (`_live_peak`); reported as KV cache (layers × 2 × kv heads ×
+  head dim × tokens × branches), next-token logits, and the rest as activations.
 
 The peak of a training step is the larger of (end of forward: weights + optimizer + EMA +
 activations + logits) and (optimizer step: weights + gradients + optimizer + EMA + temporary).
-benchmarks/memory.py compares this with the measured peak (MemTracker on CPU, or
-torch.cuda.max_memory_allocated) on tiny configs.
+`measure` runs the same step for real — `_live_peak` on the CPU (storages alive, as torch's
+MemTracker counts them; tracemalloc does not see torch's allocator and RSS counts the
+allocator's cache and the interpreter), torch.cuda.max_memory_allocated on a GPU — and
+tests/test_mot_memory.py and benchmarks/memory.py compare the two on tiny configs.
 """
 
 from __future__ import annotations
@@ -138,35 +143,57 @@ def _weight_bytes(model, plan: Plan) -> tuple[int, int]:
     return int(total), int(layer)
 
 
+def _stand_in_attention(on_cpu: bool):
+    """What a fused attention kernel (flash / memory-efficient on CUDA, flash-for-CPU) allocates
+    and keeps for backward: the output and the row log-sum-exp, with q, k, v saved; on the CPU
+    also the boolean mask turned into an additive mask [B, 1, N, K] of q's dtype (what
+    torch's CPU flash kernel does). Without it the meta device would take SDPA's math path and
+    count the full score matrix, which no fused kernel materializes."""
+
+    class FusedAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            b, h, n, _ = q.shape
+            extra = [q.new_empty((b, 1, n, k.shape[2]))] if on_cpu else []
+            out = q.new_empty(q.shape)
+            lse = q.new_empty((b, h, n), dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, out, lse, *extra)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: meta tracing stops at the forward
+            raise NotImplementedError
+
+    def fused(q, k, v, mask):
+        return FusedAttention.apply(q, k, v)
+
+    return fused
+
+
 def _trace_layer(config: MoTConfig, tokens: int, gen_fraction: float, dtype: torch.dtype,
-                 train: bool, context: int = 0, on_cpu: bool = False) -> tuple[int, int]:
-    """(bytes autograd saves, largest single temporary) of one decoder layer's forward over
-    `tokens` new tokens (against `context` cached ones), traced on the meta device."""
-    from tapestry.models.mot.model import GEN, UND, MoTLayer, Routing
+                 on_cpu: bool = False) -> int:
+    """Bytes autograd saves for backward in one decoder layer's forward over `tokens` tokens
+    (a share `gen_fraction` of them routed to the gen expert), traced on the meta device."""
+    from unittest import mock
+
+    import tapestry.models.mot.model as mot_model
     from tapestry.models.common.rope import RotaryEmbedding
+    from tapestry.models.mot.model import MoTLayer, Routing
 
     llm = config.llm
     with torch.device("meta"):
         layer = MoTLayer(llm).to(dtype)
-        rope_mod = RotaryEmbedding(llm.head_dim, llm.rope_theta)
+        rope = RotaryEmbedding(llm.head_dim, llm.rope_theta)(torch.arange(tokens)[None], dtype=dtype)
         n_gen = int(round(tokens * gen_fraction))
-        experts = torch.tensor([[UND] * (tokens - n_gen) + [GEN] * n_gen], device="cpu")
         routing = Routing(und=torch.arange(tokens - n_gen), gen=torch.arange(tokens - n_gen, tokens), total=tokens)
-        x = torch.empty(tokens, llm.hidden_size, dtype=dtype, requires_grad=train)
-        positions = torch.arange(tokens)[None]
-        rope = rope_mod(positions, dtype=dtype)
-        mask = torch.ones(tokens, context + tokens, dtype=torch.bool)
-        past = None
-        if context:
-            kv = torch.empty(1, llm.num_kv_heads, context, llm.head_dim, dtype=dtype)
-            past = (kv, kv)
-    del experts
+        x = torch.empty(tokens, llm.hidden_size, dtype=dtype, requires_grad=True)
+        mask = torch.ones(tokens, tokens, dtype=torch.bool)
+    params = {id(p) for p in layer.parameters()}
     saved: dict[int, int] = {}
     keep: list[torch.Tensor] = []
-    largest = 0
 
     def pack(t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or t._is_view() and isinstance(t._base, nn.Parameter):
+        if id(t) in params or isinstance(t, nn.Parameter) or t._is_view() and isinstance(t._base, nn.Parameter):
             return t
         # one entry per storage (views share their base's), sized as the whole base: what
         # keeping it alive costs; _cdata is the tensor's C++ identity (meta tensors share no data_ptr)
@@ -175,42 +202,120 @@ def _trace_layer(config: MoTConfig, tokens: int, gen_fraction: float, dtype: tor
         keep.append(base)  # hold it, so an identity is never reused while counting
         return t
 
+    with mock.patch.object(mot_model, "attention", _stand_in_attention(on_cpu)), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, (1, tokens), routing, rope, mask, None)
+    return sum(saved.values())
+
+
+def _storages(t: torch.Tensor):
+    """The plain tensors holding `t`'s bytes (a torchao quantized weight is a wrapper of several)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t
+
+
+def _live_peak(run, *tracked) -> tuple[int, int]:
+    """(bytes alive before, peak bytes alive while `run()` executes) on the CPU or the meta device.
+
+    Every storage an op creates is counted from its creation until it is freed (a dispatch mode
+    with weakref finalizers, as torch's MemTracker does), on top of the storages of `tracked`
+    (modules, optimizers, lists of tensors) alive before the run."""
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    class Largest(TorchDispatchMode):
+    live: dict[int, int] = {}
+    total = [0]
+
+    def drop(key: int) -> None:
+        total[0] -= live.pop(key, 0)
+
+    def add(t: torch.Tensor) -> None:
+        for plain in _storages(t):
+            st = plain.untyped_storage()
+            key = st._cdata  # the C++ storage: unique while alive, on any device (meta has no data_ptr)
+            if key not in live and st.nbytes():
+                live[key] = st.nbytes()
+                total[0] += live[key]
+                weakref.finalize(st, drop, key)
+
+    for item in tracked:
+        if isinstance(item, nn.Module):
+            tensors = list(item.parameters()) + list(item.buffers())
+        elif isinstance(item, torch.optim.Optimizer):
+            tensors = [t for state in item.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = list(item)
+        for t in tensors:
+            add(t.detach())
+            if getattr(t, "grad", None) is not None:
+                add(t.grad)
+    before = total[0]
+    peak = [before]
+
+    class Live(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            nonlocal largest
             out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    largest = max(largest, t.numel() * t.element_size())
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type in ("cpu", "meta"):
+                    add(t)
+            peak[0] = max(peak[0], total[0])
             return out
 
-    params = {id(p) for p in layer.parameters()}
-    import tapestry.models.mot.model as mot_model
-    from unittest import mock
+    with Live():
+        run()
+    return before, peak[0]
 
-    class FusedAttention(torch.autograd.Function):
-        """What a fused kernel (flash / memory-efficient on CUDA, flash-for-CPU) keeps for
-        backward: q, k, v, the output and the row log-sum-exp; on the CPU also the boolean mask
-        broadcast over heads. The meta device's math path would keep the full score matrix."""
 
-        @staticmethod
-        def forward(ctx, q, k, v):
-            b, h, n, _ = q.shape
-            out = q.new_empty(q.shape)
-            lse = q.new_empty((b, h, n), dtype=torch.float32)
-            extra = [torch.empty((b, h, n, k.shape[2]), dtype=torch.bool, device=q.device)] if on_cpu else []
-            ctx.save_for_backward(q, k, v, out, lse, *extra)
-            return out
+def _generation_step(model, plan: "Plan", device: torch.device):
+    """What generating one image holds at its peak, as a function to run: every guidance branch
+    prefills `tokens` context tokens into its own KV cache, then one denoising step runs the
+    `image_tokens` latent tokens of all branches at once against their caches (batched into one
+    padded cache, as MoTRuntime does for more than one branch), then the velocity head and the
+    next-token logits. Token values do not matter to memory: zeros."""
+    from tapestry.models.mot.model import GEN, UND, KVCache, batched_step_mask
 
-    def fused(q, k, v, mask):
-        return FusedAttention.apply(q, k, v)
+    lat = model.config.latent
+    c, branches = plan.tokens, plan.branches
+    side = max(1, int(math.isqrt(plan.image_tokens)))  # a square image of about image_tokens tokens
+    n = side * side
+    ids = torch.zeros(1, c, dtype=torch.long, device=device)
+    noise = torch.zeros(1, lat.channels, side * lat.patch_size, side * lat.patch_size, device=device,
+                        dtype=model.dtype)
+    t = torch.full((1,), 0.5, device=device)
+    # Routing reads expert ids (nonzero): on the meta device they stay real CPU tensors; every
+    # call here routes all its tokens to one expert, so no index ever meets a meta tensor
+    route = torch.device("cpu") if device.type == "meta" else device
 
-    with mock.patch.object(mot_model, "attention", fused), torch.autograd.graph.saved_tensors_hooks(lambda t: pack(t) if id(t) not in params else t, lambda t: t), \
-            Largest(), torch.set_grad_enabled(train):
-        layer(x, (1, tokens), routing, rope, mask, past)
-    return sum(saved.values()), largest
+    @torch.no_grad()
+    def run():
+        caches = []
+        for _ in range(branches):
+            cache = KVCache()
+            mask = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+            model(model.embed_text(ids), torch.full((1, c), UND, device=route),
+                  torch.arange(c, device=device)[None], mask, cache=cache, update_cache=True)
+            caches.append(cache)
+        tokens = model.embed_latents(noise, t)  # [1, n, D]
+        step = torch.ones(n, c + n, dtype=torch.bool, device=device)
+        if branches > 1:
+            cache, lengths = KVCache.batch(caches)
+            mask = batched_step_mask([step] * branches, lengths)
+            tokens = tokens.expand(branches, -1, -1)
+        else:
+            cache, mask = caches[0], step
+        hidden = model(tokens, torch.full((branches, n), GEN, device=route),
+                       torch.full((branches, n), c, device=device), mask, cache=cache)
+        model.latent_out(hidden)
+        model.logits(hidden[:, -1])
+
+    return run
 
 
 def estimate(config: MoTConfig, plan: Plan) -> Estimate:
@@ -228,13 +333,19 @@ def estimate(config: MoTConfig, plan: Plan) -> Estimate:
         parts["weights"] = weights
         ctx = plan.tokens + plan.image_tokens
         parts["kv_cache"] = n_layers * 2 * llm.num_kv_heads * llm.head_dim * ctx * plan.branches * size
-        _, temp = _trace_layer(config, min(plan.image_tokens, 4096), 1.0, DTYPES[plan.dtype], False, context=0)
-        scale = plan.image_tokens / min(plan.image_tokens, 4096)
-        # a denoising step runs the image tokens of every branch at once; working set ≈ 4 temporaries
-        parts["activations"] = int(4 * temp * scale * plan.branches)
-        parts["logits"] = llm.vocab_size * 4 * plan.branches
-        peak = sum(parts.values())
-        return Estimate(parts, peak, asdict(plan))
+        parts["logits"] = llm.vocab_size * size * plan.branches
+        # everything generation allocates (caches, the batched cache, each layer's temporaries,
+        # heads), run on the meta device: the peak of live bytes above the weights
+        from unittest import mock
+
+        import tapestry.models.mot.model as mot_model
+
+        meta = model.to(DTYPES[plan.dtype])
+        run = _generation_step(meta, plan, torch.device("meta"))
+        with mock.patch.object(mot_model, "attention", _stand_in_attention(plan.device == "cpu")):
+            before, top = _live_peak(run, meta)
+        parts["activations"] = max(0, top - before - parts["kv_cache"] - parts["logits"])
+        return Estimate(parts, sum(parts.values()), asdict(plan))
 
     # training
     total_params = sum(p.numel() for p in model.parameters())
@@ -260,8 +371,7 @@ def estimate(config: MoTConfig, plan: Plan) -> Estimate:
         parts["optimizer"] = sharded(2 * trainable * size)
         parts["ema"] = sharded(trainable * 4) if plan.ema else 0
     tokens = plan.tokens * plan.rows
-    saved, _ = _trace_layer(config, plan.tokens, plan.gen_fraction, DTYPES[plan.dtype], True,
-                            on_cpu=plan.device == "cpu")
+    saved = _trace_layer(config, plan.tokens, plan.gen_fraction, DTYPES[plan.dtype], on_cpu=plan.device == "cpu")
     saved *= plan.rows
     act = DTYPES[plan.dtype].itemsize
     if plan.activation_checkpointing:
@@ -278,15 +388,21 @@ def estimate(config: MoTConfig, plan: Plan) -> Estimate:
 
 
 def fits(config: MoTConfig, base: Plan, budgets_gib=(24, 48, 80)) -> list[dict[str, Any]]:
-    """For each device size, the options (from cheapest in quality to most drastic) that fit."""
+    """For each device size, the options (from cheapest in quality to most drastic) that fit.
+    Every option sets what it names and leaves the rest of `base` (tokens, rows, world size...);
+    LoRA rows use the plan's rank, or 16 when the plan is a full fine-tune."""
     if base.mode == "inference":
-        options = [("bf16", {}), ("int8", {"quant": "int8"}), ("int4", {"quant": "int4"}),
+        options = [("bf16", {"quant": "none", "offload": False}), ("int8", {"quant": "int8", "offload": False}),
+                   ("int4", {"quant": "int4", "offload": False}),
                    ("int8 + layer offload", {"quant": "int8", "offload": True}),
-                   ("bf16 + layer offload", {"offload": True})]
+                   ("bf16 + layer offload", {"quant": "none", "offload": True})]
     else:
-        options = [("full fine-tune", {"lora_rank": 0}), ("full + activation checkpointing", {"lora_rank": 0, "activation_checkpointing": True}),
-                   ("LoRA r16", {"lora_rank": 16}), ("LoRA r16 + activation checkpointing", {"lora_rank": 16, "activation_checkpointing": True}),
-                   ("LoRA r16 + checkpointing + FSDP2 CPU offload", {"lora_rank": 16, "activation_checkpointing": True, "offload": True}),
+        r = base.lora_rank or 16
+        options = [("full fine-tune", {"lora_rank": 0, "activation_checkpointing": False, "offload": False}),
+                   ("full + activation checkpointing", {"lora_rank": 0, "activation_checkpointing": True, "offload": False}),
+                   (f"LoRA r{r}", {"lora_rank": r, "activation_checkpointing": False, "offload": False}),
+                   (f"LoRA r{r} + activation checkpointing", {"lora_rank": r, "activation_checkpointing": True, "offload": False}),
+                   (f"LoRA r{r} + checkpointing + FSDP2 CPU offload", {"lora_rank": r, "activation_checkpointing": True, "offload": True}),
                    ("full + checkpointing + FSDP2 CPU offload", {"lora_rank": 0, "activation_checkpointing": True, "offload": True})]
     rows = []
     for label, change in options:
@@ -309,59 +425,23 @@ __all__ = ["Plan", "Estimate", "estimate", "fits", "human", "math"]
 
 
 def _peak_of(run, device: torch.device, *tracked) -> int:
-    """Peak bytes of live tensors while `run()` executes: CUDA's allocator statistics on a GPU;
-    on the CPU, every storage an op creates is counted from its creation until it is freed
-    (a dispatch mode with weakref finalizers, as torch's MemTracker does), on top of the
-    storages alive before the run (`tracked` modules and optimizers)."""
+    """Peak bytes of live tensors while `run()` executes: CUDA's allocator statistics on a GPU,
+    `_live_peak`'s count of storages on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    import weakref
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    live: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key and key not in live and st.nbytes():
-            live[key] = st.nbytes()
-            weakref.finalize(st, live.pop, key, None)
-
-    for item in tracked:
-        tensors = list(item.parameters()) + list(item.buffers()) if isinstance(item, nn.Module) else \
-            [t for state in item.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-        for t in tensors:
-            add(t.detach())
-            if getattr(t, "grad", None) is not None:
-                add(t.grad)
-    peak = [sum(live.values())]
-
-    class Live(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                    add(t)
-            peak[0] = max(peak[0], sum(live.values()))
-            return out
-
-    with Live():
-        run()
-    return peak[0]
+    return _live_peak(run, *tracked)[1]
 
 
 def measure(config: MoTConfig, plan: Plan, device: str = "cpu", seed: int = 0) -> int:
     """The measured peak of one training step (the second: optimizer states exist) or of one
-    prefill + denoising step, on `device`."""
+    image's generation step (`_generation_step`), on `device`."""
     import torch.nn.functional as F
 
-    from tapestry.models.mot.model import GEN, UND, KVCache, MoTModel
+    from tapestry.models.mot.model import GEN, UND, MoTModel
 
     plan.validate()
     device_ = torch.device(device)
@@ -378,25 +458,7 @@ def measure(config: MoTConfig, plan: Plan, device: str = "cpu", seed: int = 0) -
         quantize_weights(model, plan.quant)
         if plan.offload:
             offload_layers(model, device_)
-        side = int(math.isqrt(plan.image_tokens))
-        ids = torch.randint(0, llm.vocab_size, (1, plan.tokens), generator=g).to(device_)
-        noise = torch.randn(1, lat.channels, side * lat.patch_size, side * lat.patch_size, generator=g).to(device_, dtype)
-
-        @torch.no_grad()
-        def run():
-            cache = KVCache()
-            c = plan.tokens
-            mask = torch.ones(c, c, dtype=torch.bool, device=device_).tril()
-            model(model.embed_text(ids), torch.full((1, c), UND, device=device_), torch.arange(c, device=device_)[None],
-                  mask, cache=cache, update_cache=True)
-            n = side * side
-            tokens = model.embed_latents(noise, torch.tensor([0.5], device=device_))
-            hidden = model(tokens, torch.full((1, n), GEN, device=device_), torch.full((1, n), c, device=device_),
-                           torch.ones(n, c + n, dtype=torch.bool, device=device_), cache=cache)
-            model.latent_out(hidden)
-            model.logits(hidden[:, -1])
-
-        return _peak_of(run, device_, model)
+        return _peak_of(_generation_step(model, plan, device_), device_, model)
 
     if plan.lora_rank:
         from tapestry.models.mot.lora import LoraSpec, add_lora
@@ -439,4 +501,4 @@ def measure(config: MoTConfig, plan: Plan, device: str = "cpu", seed: int = 0) -
                 e.lerp_(p.float(), 0.001)
 
     step()  # the first step creates the optimizer states; the second is the steady state
-    return _peak_of(step, device_, model, optimizer)
+    return _peak_of(step, device_, model, optimizer, ema)
