@@ -39,6 +39,7 @@ from tapestry.serve.metrics import Metrics
 from tapestry.serve.scheduler import Job, QueueFull, Scheduler, ShuttingDown, request_id
 
 log = logging.getLogger("tapestry.serve")
+_PID = str(os.getpid()).encode()
 
 
 @dataclass
@@ -81,7 +82,9 @@ class Gate:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = dict(message)
-                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+                # x-tapestry-replica: which process answered (replicas behind Ray Serve's proxy)
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode()),
+                                                                         (b"x-tapestry-replica", _PID)]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 self._record(scope, status, t0, rid)

@@ -12,6 +12,7 @@ waiting go to the replicas that are alive.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def start_ray(checkpoint: str, host: str, port: int, replicas: int, limits, batc
     from tapestry.infer.pipeline import resolve_checkpoint
 
     resolve_checkpoint(checkpoint)  # a missing checkpoint is one error line here, not a replica crash loop
+    # Ray Serve gives its HTTP proxy 5 s to report ready (and 10 s per health check) before it
+    # kills it; on a small, busy machine importing the proxy takes longer. The processes Ray
+    # starts inherit this environment, so the controller reads these.
+    for name, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")):
+        os.environ.setdefault(name, seconds)
     if not ray.is_initialized():
         # address="local": always a fresh instance of our own, never a cluster someone else started
         # replicas import tapestry from the same checkout as this driver
