@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def run_ray(checkpoint: str, host: str, port: int, replicas: int, limits, batchi
 
     start_ray(checkpoint, host, port, replicas, limits, batching, api_key)
     print(f"tapestry serve --ray: {replicas} replica(s) of {checkpoint} on http://{host}:{port}", flush=True)
+
+    def stop(signum, frame):  # SIGTERM (a service manager, kill) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(1)
