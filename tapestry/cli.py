@@ -149,6 +149,7 @@ from tapestry.infer.cli import generate_command  # noqa: E402
 from tapestry.models.convert_cli import convert_command  # noqa: E402
 from tapestry.models.memory_cli import memory_command  # noqa: E402
 from tapestry.models.inspect_cli import inspect_command  # noqa: E402
+from tapestry.serve.cli import serve_command  # noqa: E402
 from tapestry.models.vae_cli import app as vae_app  # noqa: E402
 from tapestry.models.vit_cli import app as vit_app  # noqa: E402
 from tapestry.toyworld.cli import app as toyworld_app  # noqa: E402
@@ -158,6 +159,7 @@ app.command("generate")(generate_command)
 app.command("inspect")(inspect_command)
 app.command("convert")(convert_command)
 app.command("memory")(memory_command)
+app.command("serve")(serve_command)
 app.command("train", help=TRAIN_HELP)(train_command)
 app.command("export", help=EXPORT_HELP)(export_command)
 app.add_typer(toyworld_app, name="toyworld")

@@ -145,9 +145,10 @@ class Engine:
             t, t_next = schedule[step], schedule[step + 1]
             velocity = runtime.denoise(contexts, x, t, batched=batched)  # branch -> [1, ..., C]
             v = apply_guidance(options.rule, velocity, t, **scales)
+            predicted = x - t.to(x.dtype) * v  # x0 = x_t - t·v: what a preview shows
             x = euler_step(x, v, t.to(x.dtype), t_next.to(x.dtype))
             timings["denoise"] = timings.get("denoise", 0.0) + time.perf_counter() - started
-            yield ImageProgress(index, step + 1, options.steps)
+            yield ImageProgress(index, step + 1, options.steps, predicted)
         return x
 
     def _latents_to_image(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
@@ -174,6 +175,12 @@ class Engine:
             if isinstance(event, Done):
                 return event.document
         raise GenerationError("generation ended without a result")
+
+    def decode_latents(self, latents: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+        """Latents of an `image_progress` / `image_done` event (the runtime's shape) -> the
+        (height, width) image they decode to: a preview of the image being drawn."""
+        with torch.inference_mode():
+            return self._latents_to_image(latents, size)
 
     def target_size(self, segment: ImageSegment | None, options: GenerationOptions) -> tuple[int, int]:
         if segment is not None and segment.height and segment.width:

@@ -30,6 +30,9 @@ class ImageProgress:
     index: int
     step: int  # 1-based
     steps: int
+    # The clean image predicted at this step, x0 = x_t - t·v, in the runtime's latent shape:
+    # `Pipeline.decode_latents(latents, (height, width))` turns it into a preview.
+    latents: Any = field(default=None, repr=False)
     type: str = field(default="image_progress", init=False)
 
 
@@ -38,7 +41,7 @@ class ImageDone:
     index: int
     segment: int
     image: Image.Image = field(repr=False)
-    latents: Any = field(default=None, repr=False)  # [1, C, h, w] before decoding
+    latents: Any = field(default=None, repr=False)  # before decoding, in the runtime's latent shape
     type: str = field(default="image_done", init=False)
 
 

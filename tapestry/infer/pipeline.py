@@ -76,6 +76,11 @@ class Pipeline:
                 return event.document
         raise TapestryError("generation ended without a result")
 
+    def decode_latents(self, latents, size: tuple[int, int]):
+        """Latents from an `image_progress` / `image_done` event -> a PIL image of (height,
+        width) `size`, the size its `image_started` announced (previews)."""
+        return self.engine.decode_latents(latents, size)
+
     def generate_batch(self, docs: list[Document | str], **options) -> list[Document]:
         """Several Documents, one after another with the same options (seed per document =
         seed + its index, so each is reproducible alone)."""

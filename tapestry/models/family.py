@@ -136,6 +136,19 @@ class Runtime(Protocol):
         decode(x, size) -> pixels          # [1, 3, H, W] in about [-1, 1]
         target_size                        # (height, width) of a target that declares none
 
+    Batching across requests (tapestry.infer.batching; a server's concurrent generations):
+
+        append_text_batch(items)           # items: [(context, ids)], several *different*
+                                           # generations' append_text at once
+        denoise_batch(items, batched) -> [{branch: v}]
+                                           # items: [(contexts, x, t)], several generations'
+                                           # denoise at once, one answer per item
+
+    Each item must come out as its own call alone would (up to the last-bit rounding of a
+    batched matmul): each generation keeps its own contexts. A family batches the items whose
+    shapes allow one forward and may run the rest one by one; `OneByOne` below is the
+    fallback that runs them all one by one (correct, no speed-up).
+
     Everything runs under `torch.inference_mode()` (the engine enters it).
     """
 
@@ -157,6 +170,24 @@ class Runtime(Protocol):
     def denoise(self, contexts: dict[str, Any], x: Tensor, t: Tensor, batched: bool = True) -> dict[str, Tensor]: ...
 
     def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor: ...
+
+    def append_text_batch(self, items: list[tuple[Any, list[int]]]) -> None: ...
+
+    def denoise_batch(self, items: list[tuple[dict[str, Any], Tensor, Tensor]],
+                      batched: bool = True) -> list[dict[str, Tensor]]: ...
+
+
+class OneByOne:
+    """The cross-request batch methods of `Runtime` for a family that has no batched path: every
+    item runs alone, exactly as the engine would run it (a base class of such runtimes)."""
+
+    def append_text_batch(self, items: list[tuple[Any, list[int]]]) -> None:
+        for context, ids in items:
+            self.append_text(context, ids)
+
+    def denoise_batch(self, items: list[tuple[dict[str, Any], Tensor, Tensor]],
+                      batched: bool = True) -> list[dict[str, Tensor]]:
+        return [self.denoise(contexts, x, t, batched) for contexts, x, t in items]
 
 
 @runtime_checkable
@@ -263,6 +294,6 @@ def family_of_folder(folder: str | Path) -> Family:
     return get(family_name(data, str(path)))
 
 
-__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "Runtime", "family_name", "family_of_config",
+__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "OneByOne", "Runtime", "family_name", "family_of_config",
            "family_of_folder",
            "get", "names", "register", "unregister"]

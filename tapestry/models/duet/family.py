@@ -38,6 +38,7 @@ from tapestry.models.duet.config import (
     VAEConfig,
 )
 from tapestry.models.duet.model import CONFIG_NAME, PARAM_GROUPS, DuetModel, tensor_to_image
+from tapestry.models.family import OneByOne
 from tapestry.models.duet.sequence import (
     IGNORE,
     DuetLayout,
@@ -299,8 +300,13 @@ class DuetContext:
     conditions: dict[bool, Tensor] = field(default_factory=dict)  # drop_last_chunk -> connector output
 
 
-class DuetRuntime:
-    """What tapestry.infer.engine drives for a duet model (see tapestry.models.family.Runtime)."""
+class DuetRuntime(OneByOne):
+    """What tapestry.infer.engine drives for a duet model (see tapestry.models.family.Runtime).
+
+    Requests served together run one by one (`OneByOne`): the MLLM's cache is a transformers
+    DynamicCache per context and each image's DiT reads its own frames and connector output,
+    so there is no batched cross-request path yet (correct, no speed-up).
+    """
 
     def __init__(self, model: DuetModel, tokenizer):
         self.model = model.eval()

@@ -363,10 +363,14 @@ def _block_mask(n: int, mode: str) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool).tril() if mode == "causal" else torch.ones(n, n, dtype=torch.bool)
 
 
-class MMIRuntime:
+class MMIRuntime(families.OneByOne):
     """The `Runtime` protocol for an MMIModel. Latents are [1, h, w, C] (channels last); the
     engine's flow-matching Euler steps drive the DDPM-trained UNet through the exact change of
-    variables between x_flow = (1 − t)·x0 + t·ε and x_vp = α·x0 + σ·ε (t = σ / (α + σ))."""
+    variables between x_flow = (1 − t)·x0 + t·ε and x_vp = α·x0 + σ·ε (t = σ / (α + σ)).
+
+    Requests served together run one by one (`OneByOne`): each context carries its own MMFS
+    image maps and visibility, so there is no batched cross-request path yet (correct, no
+    speed-up)."""
 
     def __init__(self, model: MMIModel, tokenizer, codec, layout: LayoutConfig):
         check_layout(model, layout)

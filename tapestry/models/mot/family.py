@@ -11,6 +11,7 @@ so a generated image enters the context exactly as a given one does.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -235,6 +236,7 @@ class MoTRuntime:
         self.model, self.tokenizer, self.codec, self.layout = model.eval(), tokenizer, codec, layout
         self.target_size = tuple(layout.target_size)
         self._batched: tuple | None = None  # (contexts and lengths it was built for, cache, mask, positions)
+        self._batched_rows: tuple | None = None  # the same for denoise_batch's rows of several requests
 
     # -- blocks ------------------------------------------------------------------------------
     def _text_block(self, ctx: Context, ids: list[int]) -> Block:
@@ -337,6 +339,84 @@ class MoTRuntime:
             positions = torch.stack([torch.full((n,), contexts[name].image_position) for name in names])
             self._batched = (key, cache, mask, positions)
         return self._batched[1:]
+
+    # -- batching across requests (tapestry.infer.batching) -----------------------------------
+    def append_text_batch(self, items: list[tuple[Context, list[int]]]) -> None:
+        """Several generations' text steps: those adding the same number of tokens to a cache run
+        as one forward over their caches right-padded into one batch (`KVCache.batch`, padding
+        hidden by `batched_step_mask`); each cache is then cut back to its own tokens."""
+        groups: dict[int, list[tuple[Context, list[int]]]] = {}
+        for ctx, ids in items:
+            if ctx.recompute or not ctx.cache.keys or not ids:
+                self.append_text(ctx, ids)
+            else:
+                groups.setdefault(len(ids), []).append((ctx, ids))
+        for n, group in groups.items():
+            if len(group) == 1:
+                self.append_text(*group[0])
+                continue
+            b = len(group)
+            embeds = self.model.embed_text(torch.tensor([ids for _, ids in group]).to(self.model.device))  # [B, n, D]
+            positions = torch.stack([ctx.take_positions(n) for ctx, _ in group])  # [B, n]
+            expert = torch.full((b, n), UND)
+            cache, lengths = KVCache.batch([ctx.cache for ctx, _ in group])
+            mask = batched_step_mask([step_mask(c, n, "causal") for c in lengths], lengths)  # [B, n, C_max + n]
+            hidden = self.model(embeds, expert, positions, mask, cache=cache, update_cache=True)  # [B, n, D]
+            longest = max(lengths)
+            for row, (ctx, _) in enumerate(group):
+                keep = torch.cat([torch.arange(lengths[row]), torch.arange(longest, longest + n)])
+                for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):  # [B, H_kv, C_max + n, hd]
+                    ctx.cache.store(layer, keys[row:row + 1, :, keep], values[row:row + 1, :, keep])
+                ctx.blocks.append(Block(embeds[row], expert[row], positions[row], "causal"))
+                ctx.last_hidden = hidden[row]
+
+    def denoise_batch(self, items: list[tuple[dict[str, Context], Tensor, Tensor]],
+                      batched: bool = True) -> list[dict[str, Tensor]]:
+        """Several generations' denoising steps: images of the same token count run as one forward
+        in which every (image, branch) pair is a row against that branch's own cache."""
+        out: list[dict[str, Tensor] | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (contexts, x, _) in enumerate(items):
+            if not batched or any(c.recompute for c in contexts.values()):
+                out[i] = self.denoise(contexts, x, items[i][2], batched)
+            else:
+                groups.setdefault(x.shape[1] * x.shape[2], []).append(i)
+        for n, members in groups.items():
+            if len(members) == 1:
+                i = members[0]
+                out[i] = self.denoise(*items[i], batched)
+                continue
+            # x: [1, rows, cols, p·p·C] each -> latents [M, C, H, W] for the M images
+            shapes = [items[i][1].shape for i in members]
+            latents = torch.cat([unpatchify(items[i][1].flatten(1, 2), self.layout.latent_patch, s[1], s[2])
+                                 for i, s in zip(members, shapes)])
+            t = torch.cat([items[i][2].reshape(1) for i in members]).to(latents.device)
+            tokens = self.model.embed_latents(latents, t)  # [M, n, D]
+            rows = [(k, name, ctx) for k, i in enumerate(members) for name, ctx in items[i][0].items()]
+            cache, mask, positions = self._batch_rows([ctx for _, _, ctx in rows], n)
+            which = torch.tensor([k for k, _, _ in rows])
+            hidden = self.model(tokens[which], torch.full((len(rows), n), GEN), positions, mask, cache=cache)  # [R, n, D]
+            v = self.model.latent_out(hidden)  # [R, n, p·p·C]
+            for r, (k, name, _) in enumerate(rows):
+                i = members[k]
+                if out[i] is None:
+                    out[i] = {}
+                out[i][name] = v[r : r + 1].unflatten(1, (shapes[k][1], shapes[k][2]))
+        return out
+
+    def _batch_rows(self, contexts: list[Context], n: int):
+        """One padded cache for these rows, kept while the same contexts keep denoising (the
+        same images' steps); rebuilt when a generation joins or leaves."""
+        # weak references: a finished or cancelled generation's context is not kept alive here
+        key = [(weakref.ref(c), c.cache.length, c.image_position) for c in contexts]
+        memo = self._batched_rows
+        if memo is None or memo[1] != n or len(memo[0]) != len(key) or any(
+                a[0]() is not c or a[1:] != b[1:] for a, b, c in zip(memo[0], key, contexts)):
+            cache, lengths = KVCache.batch([c.cache for c in contexts])
+            mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
+            positions = torch.stack([torch.full((n,), c.image_position) for c in contexts])
+            self._batched_rows = memo = (key, n, cache, mask, positions)
+        return memo[2:]
 
     def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         # x: [1, rows, cols, p·p·C] -> pixels [1, 3, rows·cell, cols·cell]
