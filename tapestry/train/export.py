@@ -43,18 +43,23 @@ def checkpoint_at(run_dir: Path, step: int | None) -> Path:
                                f"{', '.join(p.name for p in found)}")
 
 
+EXPORT_WRITER = "tapestry export"
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
-                      weights: str = "ema") -> dict[str, Any]:
-    """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model"."""
+                      weights: str = "ema", overwrite: bool = False) -> dict[str, Any]:
+    """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model".
+    An OUT holding files an earlier export did not write is refused unless `overwrite`."""
     import torch.distributed.checkpoint as dcp
 
-    from tapestry.atomic import atomic_dir
+    from tapestry.atomic import check_output_dir, output_dir
     from tapestry.models.common.checkpoint import expected_shapes
     from tapestry.models.pipeline_folder import save_pipeline
     from tapestry.train.loop import TOKENIZER_DIR, family_of, layout_for, load_tokenizer, model_config_for
     from tapestry.train.parallel import Dist
 
     run_dir, out = Path(run_dir), Path(out)
+    check_output_dir(out, EXPORT_WRITER, overwrite)
     path = checkpoint_at(run_dir, step)
     config = load_config(path / "config.toml")
     tokenizer = load_tokenizer(config, run_dir, Dist()) if (run_dir / TOKENIZER_DIR).is_dir() or \
@@ -86,7 +91,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     full = {k: v.to(dtype) for k, v in loaded.items()}
     exported = family.from_state_dict(model_config, full, source=str(path))
     defaults = {"shift": config.data.timestep_shift}  # the engine's defaults for the rest
-    with atomic_dir(out) as tmp:
+    with output_dir(out, EXPORT_WRITER, overwrite) as tmp:
         save_pipeline(tmp, exported, tokenizer, codec, layout_for(config, model_config, codec), defaults)
         (tmp / "train_config.toml").write_text((path / "config.toml").read_text(encoding="utf-8"), encoding="utf-8")
         info = {"run": str(run_dir), "checkpoint": path.name, "step": trainer["step"], "weights": part,
