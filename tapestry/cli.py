@@ -169,11 +169,23 @@ app.add_typer(vit_app, name="vit")
 app.add_typer(eval_app, name="eval")
 
 
+def os_error_line(e: OSError) -> str:
+    """`cannot write PATH: reason` for a file-system refusal (permissions, a file where a folder
+    should be, a full disk); the path is the one the operating system named."""
+    path = e.filename if e.filename is not None else "a file"
+    if e.filename2 is not None:
+        path = f"{path} -> {e.filename2}"
+    return f"cannot write {path}: {e.strerror or e}"
+
+
 def main() -> None:
     try:
         app()
     except TapestryError as e:  # an input mistake found late still ends in one clear line
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(2)
+    except OSError as e:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False)
         sys.exit(2)
 
 

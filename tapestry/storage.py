@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
-from tapestry.atomic import atomic_dir, atomic_file, atomic_write_bytes
+from tapestry.atomic import atomic_file, atomic_write_bytes, output_dir
 from tapestry.document import (
     DEFAULT_LIMITS,
     Document,
@@ -349,13 +349,15 @@ def _folder_image_name(number: int, segment: ImageSegment, extension: str) -> st
     return f"images/{stem}.{extension}"
 
 
-def save_folder(doc: Document, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+def save_folder(doc: Document, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None,
+                overwrite: bool = False, writer: str = "tapestry save_folder") -> Path:
     """Write `path/doc.json` and `path/images/*` (plus `extra_files`, name -> bytes, such as a
-    viewer page); an existing folder is replaced atomically."""
+    viewer page). A folder that `writer` wrote earlier is replaced atomically; one holding any
+    other file is refused (OutputFolderError) unless `overwrite`."""
     path = Path(path)
     record, files = _stored_dict(doc, _folder_image_name)
     files = files + sorted((extra_files or {}).items())
-    with atomic_dir(path) as tmp:
+    with output_dir(path, writer, overwrite) as tmp:
         for src, data in files:
             target = tmp / src
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -50,3 +50,37 @@ def tiny_mot_config(vocab_size: int, *, hidden: int = 32, layers: int = 1, heads
                       max_patches_per_side=patch_side),
         latent=LatentConfig(channels=latent_channels, patch_size=2, max_side=patch_side, timestep_freq_dim=32),
     )
+
+
+@pytest.fixture(scope="session")
+def bagel_tiny(tmp_path_factory):
+    """A BAGEL-layout tiny checkpoint written by tests/bagel_fixture.py, once per session
+    (read-only by convention: tests that change files copy it first)."""
+    from bagel_fixture import write_bagel_checkpoint
+
+    return write_bagel_checkpoint(tmp_path_factory.mktemp("bagel") / "BAGEL-tiny")
+
+
+# ---------------------------------------------------------------- skip log for CI
+# With TAPESTRY_SKIP_LOG=FILE every skipped test (or module) appends {"test", "reason"} to FILE;
+# .ci/run fails the build on any reason not in .ci/allowed-skips.txt (no GPU, no CUDA).
+def _log_skip(nodeid: str, longrepr) -> None:
+    import json
+    import os
+
+    path = os.environ.get("TAPESTRY_SKIP_LOG")
+    if not path:
+        return
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"test": nodeid, "reason": reason.removeprefix("Skipped: ")}) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _log_skip(report.nodeid, report.longrepr)
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _log_skip(report.nodeid, report.longrepr)

@@ -142,12 +142,8 @@ def test_shipped_invalid_example_reports_every_problem():
         (0, "text", 29), (0, "text", 37), (1, "src", None), (2, "role", None), (2, "src", None)]
 
 
-BAGEL_TINY = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel-tiny"
-
-
-@pytest.mark.skipif(not BAGEL_TINY.is_dir(), reason="../shared/fixtures/bagel-tiny is not present in this checkout")
-def test_inspect_is_mounted_and_reports_key_coverage(tmp_path):
-    result = runner.invoke(app, ["inspect", str(BAGEL_TINY), "--json"])
+def test_inspect_is_mounted_and_reports_key_coverage(bagel_tiny, tmp_path):
+    result = runner.invoke(app, ["inspect", str(bagel_tiny), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["layout"] == "bagel"

@@ -241,7 +241,8 @@ def test_rerun_resumes_and_cli_prints_json(site, tmp_path):
 @pytest.mark.slow
 def test_local_and_ray_executors_write_identical_shards(site, tmp_path):
     pytest.importorskip("ray")
-    inputs = [str(site), str(tmp_path / "missing.html")]
+    (tmp_path / "empty.html").write_text("")  # an input that fails: both logs must say so alike
+    inputs = [str(site), str(tmp_path / "empty.html")]
     local = run(inputs, options(tmp_path / "local", workers=2, shard_size=2))
     remote = run(inputs, options(tmp_path / "ray", workers=2, shard_size=2, executor="ray"))
     assert local["shards"] == remote["shards"] and len(local["shards"]) >= 2

@@ -158,7 +158,10 @@ def test_guidance_ablation_with_a_tiny_pipeline(pipeline_dir, tmp_path):
     assert [r["variant"] for r in rows] == ["none", "illume-gamma_img=1,gamma_txt=1", "illume-gamma_img=1,gamma_txt=2"]
     settings = json.loads((out / "illume-gamma_img=1,gamma_txt=2" / "run.json").read_text())["settings"]
     assert settings["generation"]["guidance"] == "illume" and settings["generation"]["guidance_scales"]["gamma_txt"] == 2
-    assert (out / "guidance.png").is_file() and "γ" not in (out / "report.md").read_text()[:0]
+    report = (out / "report.md").read_text()
+    assert (out / "guidance.png").is_file() and "![guidance](guidance.png)" in report
+    assert all(f"| {label} |" in report for label in ("none", "illume-gamma_img=1,gamma_txt=1",
+                                                      "illume-gamma_img=1,gamma_txt=2"))
 
 
 def test_placement_ablation_pairs_scenes(tmp_path):

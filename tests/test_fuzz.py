@@ -1,7 +1,10 @@
 """Hostile input never raises anything but tapestry's own error type, and the error has a message."""
 
 import json
+import sys
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -14,27 +17,12 @@ from tapestry.storage import ImageRefused, decode_image, scan
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20,
-)
+# The strategies live with the fuzz benchmark (benchmarks/fuzz.py), which runs >= 1000 cases per
+# input surface and counts the outcomes; here each surface runs a short version.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import fuzz  # noqa: E402
 
-segment_like = st.fixed_dictionaries(
-    {"type": st.sampled_from(["text", "image", "video", 3])},
-    optional={
-        "text": st.text(alphabet="ab [img12]<:/>x-\n", max_size=30) | json_values,
-        "role": st.sampled_from(["reference", "context", "target", "hero", None]),
-        "name": st.sampled_from(["a", "b", "-x", "", None]) | st.text(max_size=5),
-        "src": st.sampled_from(["a.png", "../x.png", "/etc/passwd", "", 7]),
-        "width": st.integers(-5, 20000) | json_values,
-        "meta": json_values,
-    },
-)
-document_like = st.fixed_dictionaries(
-    {}, optional={"id": st.text(max_size=10) | json_values,
-                  "segments": st.lists(segment_like, max_size=6) | json_values,
-                  "meta": json_values, "extra": json_values})
+json_values, document_like, MARKUP_PIECES = fuzz.json_values, fuzz.document_like, fuzz.MARKUP_PIECES
 
 
 def expect_own_error(call):
@@ -60,9 +48,6 @@ def test_random_json_documents(obj):
     expect_own_error(lambda: Document.from_json(json.dumps(obj)))
 
 
-MARKUP_PIECES = list("[img]<:/>0123456789 abc_.-\n") + ["[img", "<img:", "/>", "[img1]", "<img:img2/>"]
-
-
 @FUZZ
 @given(st.lists(st.sampled_from(MARKUP_PIECES), max_size=25).map("".join), st.integers(0, 3))
 def test_random_markup(text, n_images):
@@ -82,19 +67,8 @@ _base = Image.new("RGB", (24, 16), (200, 30, 30))
 SEEDS = [png_bytes(_base), jpeg_bytes(_base), png_bytes(_base.convert("RGBA")), png_bytes(_base.convert("P"))]
 
 
-@st.composite
-def mangled_images(draw):
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(0, 6))):
-        action = draw(st.sampled_from(["flip", "cut", "insert"]))
-        position = draw(st.integers(0, max(0, len(data) - 1)))
-        if action == "flip" and data:
-            data[position] ^= draw(st.integers(1, 255))
-        elif action == "cut":
-            del data[position:]
-        else:
-            data[position:position] = draw(st.binary(min_size=1, max_size=8))
-    return bytes(data)
+def mangled_images():
+    return fuzz.mangled(SEEDS)
 
 
 @FUZZ
@@ -115,3 +89,12 @@ def test_random_files_are_reported_not_raised(tmp_path_factory, data, name):
     path.write_bytes(data)
     for loaded in scan(path):
         assert loaded.document is not None or loaded.problems
+
+
+@pytest.mark.parametrize("surface", sorted(fuzz.surfaces()))
+def test_every_input_surface_gives_no_unexpected_exception(surface):
+    """The short version of `python benchmarks/fuzz.py`: 60 cases per surface (the benchmark runs
+    >= 1000), each ending in a clear error or an accepted input."""
+    result = fuzz.run_surface(surface, 60, random_seed=1)
+    assert result["unexpected"] == 0, "\n\n".join(result["examples"])
+    assert result["cases"] == result["clear_errors"] + result["accepted"] and result["cases"] >= 30

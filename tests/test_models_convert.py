@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,12 +21,6 @@ from tapestry.models.mot.convert import (
 )
 from tapestry.models.mot.model import GEN, UND, MoTModel
 
-# ../shared/fixtures/bagel-tiny beside the repository; TAPESTRY_BAGEL_TINY points elsewhere
-FIXTURE = Path(os.environ.get("TAPESTRY_BAGEL_TINY")
-               or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel-tiny")
-needs_fixture = pytest.mark.skipif(
-    not FIXTURE.is_dir(), reason=f"the bagel-tiny fixture is not at {FIXTURE} (it lives in ../shared)"
-)
 
 
 def test_conv_patch_weight_maps_to_linear_order():
@@ -39,9 +32,8 @@ def test_conv_patch_weight_maps_to_linear_order():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@needs_fixture
-def test_config_is_read_from_the_folder():
-    cfg, notes = bagel_config(FIXTURE)
+def test_config_is_read_from_the_folder(bagel_tiny):
+    cfg, notes = bagel_config(bagel_tiny)
     llm = cfg.llm
     assert (llm.vocab_size, llm.hidden_size, llm.intermediate_size, llm.num_layers) == (512, 96, 128, 2)
     assert (llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.rope_theta) == (4, 2, 24, 1e6)
@@ -52,10 +44,9 @@ def test_config_is_read_from_the_folder():
     assert any("the last is dropped" in n for n in notes)
 
 
-@needs_fixture
-def test_key_rules_cover_every_fixture_key_both_ways():
-    header = read_header(FIXTURE / "ema.safetensors")
-    cfg, _ = bagel_config(FIXTURE)
+def test_key_rules_cover_every_fixture_key_both_ways(bagel_tiny):
+    header = read_header(bagel_tiny / "ema.safetensors")
+    cfg, _ = bagel_config(bagel_tiny)
     expected = bagel_expected_keys(cfg)
     assert expected == {k: v.shape for k, v in header.items()}  # names and shapes, every key
     for key in header:
@@ -71,18 +62,15 @@ def test_key_rules_cover_every_fixture_key_both_ways():
         "layers.1.gen.k_norm.weight"
 
 
-@needs_fixture
-def test_fixture_position_tables_are_our_sincos():
-    state = load_file(str(FIXTURE / "ema.safetensors"))
+def test_fixture_position_tables_are_our_sincos(bagel_tiny):
+    state = load_file(str(bagel_tiny / "ema.safetensors"))
     torch.testing.assert_close(state["latent_pos_embed.pos_embed"].float(), sincos_2d(96, 8), atol=1e-2, rtol=0)
     torch.testing.assert_close(state["vit_pos_embed.pos_embed"].float(), sincos_2d(96, 10), atol=1e-2, rtol=0)
 
 
 @pytest.fixture(scope="module")
-def bagel_model():
-    if not FIXTURE.is_dir():
-        pytest.skip(f"the bagel-tiny fixture is not at {FIXTURE}")
-    return load_bagel(FIXTURE, dtype=torch.float32)
+def bagel_model(bagel_tiny):
+    return load_bagel(bagel_tiny, dtype=torch.float32)
 
 
 def _mixed_inputs(model):
@@ -97,15 +85,14 @@ def _mixed_inputs(model):
     return embeds, experts, positions, dense_mask(spans)
 
 
-@needs_fixture
-def test_loaded_weights_equal_the_file(bagel_model):
-    state = load_file(str(FIXTURE / "ema.safetensors"))
+def test_loaded_weights_equal_the_file(bagel_tiny, bagel_model):
+    state = load_file(str(bagel_tiny / "ema.safetensors"))
     ours = bagel_model.state_dict()
     for key, tensor in state.items():
         name = bagel_to_tapestry_key(key)
         if name is not None:
             assert torch.equal(ours[name], tensor.float()), key
-    native = load_bagel(FIXTURE)  # dtype kept: bitwise bf16
+    native = load_bagel(bagel_tiny)  # dtype kept: bitwise bf16
     assert native.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(native.layers[1].gen.q_proj.weight,
                        state["language_model.model.layers.1.self_attn.q_proj_moe_gen.weight"])
@@ -114,9 +101,8 @@ def test_loaded_weights_equal_the_file(bagel_model):
     assert all(torch.equal(exported[k], state[k]) for k in state if "pos_embed.pos_embed" not in k)
 
 
-@needs_fixture
 @torch.no_grad()
-def test_bagel_save_load_round_trip_gives_equal_outputs(bagel_model, tmp_path):
+def test_bagel_save_load_round_trip_gives_equal_outputs(bagel_tiny, bagel_model, tmp_path):
     embeds, experts, positions, mask = _mixed_inputs(bagel_model)
     out = bagel_model(embeds, experts, positions, mask)
     assert torch.isfinite(out).all()
@@ -126,16 +112,15 @@ def test_bagel_save_load_round_trip_gives_equal_outputs(bagel_model, tmp_path):
     assert logits.shape == (1, 18, 512)
 
 
-def _copy_fixture(tmp_path: Path) -> Path:
+def _copy_fixture(tmp_path: Path, source: Path) -> Path:
     # a scratch copy inside the test's temp folder, to break on purpose
     dst = tmp_path / "bagel"
-    shutil.copytree(FIXTURE, dst)
+    shutil.copytree(source, dst)
     return dst
 
 
-@needs_fixture
-def test_vit_layer_count_trap_is_explained(tmp_path):
-    folder = _copy_fixture(tmp_path)
+def test_vit_layer_count_trap_is_explained(bagel_tiny, tmp_path):
+    folder = _copy_fixture(tmp_path, bagel_tiny)
     cfg = json.loads((folder / "vit_config.json").read_text())
     cfg["num_hidden_layers"] = 2  # as if the file counted the layers actually stored
     (folder / "vit_config.json").write_text(json.dumps(cfg))
@@ -143,9 +128,8 @@ def test_vit_layer_count_trap_is_explained(tmp_path):
         load_bagel(folder)
 
 
-@needs_fixture
-def test_missing_and_unexpected_keys_are_listed(tmp_path):
-    folder = _copy_fixture(tmp_path)
+def test_missing_and_unexpected_keys_are_listed(bagel_tiny, tmp_path):
+    folder = _copy_fixture(tmp_path, bagel_tiny)
     state = load_file(str(folder / "ema.safetensors"))
     del state["language_model.model.layers.1.mlp_moe_gen.down_proj.weight"]
     state["language_model.model.layers.1.mlp.extra_proj.weight"] = torch.zeros(2, 2)
@@ -156,10 +140,9 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     assert "1 unexpected" in str(err.value) and "mlp.extra_proj.weight" in str(err.value)
 
 
-@needs_fixture
 @torch.no_grad()
-def test_conv_patch_embedding_and_wrong_tables(tmp_path, bagel_model):
-    folder = _copy_fixture(tmp_path)
+def test_conv_patch_embedding_and_wrong_tables(bagel_tiny, tmp_path, bagel_model):
+    folder = _copy_fixture(tmp_path, bagel_tiny)
     state = load_file(str(folder / "ema.safetensors"))
     key = "vit_model.vision_model.embeddings.patch_embedding.weight"
     linear = state[key]

@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,9 +13,6 @@ from tapestry.models.inspection import inspect_checkpoint
 from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
 from tapestry.models.mot.model import MoTModel
 
-FIXTURE = Path(os.environ.get("TAPESTRY_BAGEL_TINY")
-               or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel-tiny")
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"the bagel-tiny fixture is not at {FIXTURE}")
 
 
 @pytest.fixture
@@ -77,11 +73,10 @@ def test_key_problems_are_listed(tapestry_ckpt):
     assert "layers.0.gen.o_proj.weight" in result.output and "not loadable" in result.output
 
 
-@needs_fixture
-def test_bagel_fixture(no_tensor_reads):
-    report = inspect_checkpoint(FIXTURE)
+def test_bagel_fixture(bagel_tiny, no_tensor_reads):
+    report = inspect_checkpoint(bagel_tiny)
     assert report["layout"] == "bagel" and report["ok"], report["errors"]
-    header = read_header(FIXTURE / "ema.safetensors")
+    header = read_header(bagel_tiny / "ema.safetensors")
     assert report["parameters"]["total"] == sum(i.numel for i in header.values())
     comp = report["parameters"]["by_component"]
     assert comp["und_expert"] == comp["gen_expert"] and comp["fixed_tables"] == (64 + 100) * 96
@@ -89,16 +84,15 @@ def test_bagel_fixture(no_tensor_reads):
     assert report["dtype"] == {"BF16": 111}
     assert report["config"]["vit"]["num_layers"] == 2
     assert report["other_files"]["ae.safetensors"]["tensors"] == 176
-    result = CliRunner().invoke(app, [str(FIXTURE), "--json"])
+    result = CliRunner().invoke(app, [str(bagel_tiny), "--json"])
     assert result.exit_code == 0
     data = json.loads(result.output)
     assert {"layout", "missing", "unexpected", "shape_mismatch", "parameters"} <= data.keys()
 
 
-@needs_fixture
-def test_bagel_trap_is_reported_not_raised(tmp_path):
+def test_bagel_trap_is_reported_not_raised(bagel_tiny, tmp_path):
     folder = tmp_path / "bagel"
-    shutil.copytree(FIXTURE, folder)
+    shutil.copytree(bagel_tiny, folder)
     cfg = json.loads((folder / "vit_config.json").read_text())
     cfg["num_hidden_layers"] = 5
     (folder / "vit_config.json").write_text(json.dumps(cfg))

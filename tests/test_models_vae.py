@@ -16,11 +16,6 @@ from tapestry.models.common.checkpoint import CheckpointError
 from tapestry.models.vae import Autoencoder, VAEError, latent_shape, load_autoencoder
 from tapestry.models.vae.toy import ToyAEConfig, ToyAutoencoder
 
-FIXTURE = Path(os.environ.get("TAPESTRY_BAGEL_TINY")
-               or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bagel-tiny")
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "ae.safetensors").is_file(),
-    reason=f"the bagel-tiny fixture (ae.safetensors) is not at {FIXTURE} (it lives in ../shared)")
 
 
 def tiny_toy(**overrides) -> ToyAEConfig:
@@ -200,7 +195,8 @@ def test_cli_train_writes_checkpoint_and_report(tmp_path):
 
 
 # ---------------------------------------------------------------- FLUX layout
-diffusers = pytest.importorskip("diffusers", reason="the FLUX loader needs diffusers (pip install diffusers)")
+# diffusers is a dev dependency: without it these tests fail to import (loudly), never skip
+import diffusers  # noqa: E402
 from tapestry.models.vae.flux import (
     DiffusersAutoencoder,
     FluxAEParams,
@@ -278,11 +274,10 @@ def test_flux_params_defaults_and_errors(tmp_path):
         load_flux_file(tmp_path / "ae.safetensors", params=TINY_FLUX)
 
 
-@needs_fixture
-def test_fixture_every_key_used_and_shapes_x8():
-    state = load_file(str(FIXTURE / "ae.safetensors"))
-    ae = load_flux_autoencoder(FIXTURE)
-    params = FluxAEParams.load(FIXTURE / "ae_params.json")
+def test_fixture_every_key_used_and_shapes_x8(bagel_tiny):
+    state = load_file(str(bagel_tiny / "ae.safetensors"))
+    ae = load_flux_autoencoder(bagel_tiny)
+    params = FluxAEParams.load(bagel_tiny / "ae_params.json")
     assert (ae.scale_factor, ae.shift_factor) == (params.scale_factor, params.shift_factor)
     loaded = ae.vae.state_dict()
     assert len(loaded) == len(state) == 176
@@ -313,12 +308,11 @@ def _resnet_by_hand(x, state, prefix):
     return x + h
 
 
-@needs_fixture
-def test_fixture_mapping_checked_by_hand_computation():
+def test_fixture_mapping_checked_by_hand_computation(bagel_tiny):
     """Blocks computed from the raw file tensors must equal the diffusers modules they were loaded
     into: a swapped level, a transposed 1×1 conv or a misnamed shortcut would all show here."""
-    state = load_file(str(FIXTURE / "ae.safetensors"))
-    ae = load_flux_autoencoder(FIXTURE)
+    state = load_file(str(bagel_tiny / "ae.safetensors"))
+    ae = load_flux_autoencoder(bagel_tiny)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         # Decoder level 2 holds the 64 -> 32 shortcut block; diffusers runs it as up_blocks[1].
@@ -343,9 +337,8 @@ def test_fixture_mapping_checked_by_hand_computation():
         torch.testing.assert_close(ae.vae.encoder.mid_block.attentions[0](x), want, atol=1e-5, rtol=1e-5)
 
 
-@needs_fixture
-def test_fixture_diffusers_save_and_our_loader_round_trip(tmp_path):
-    ae = load_flux_autoencoder(FIXTURE)
+def test_fixture_diffusers_save_and_our_loader_round_trip(bagel_tiny, tmp_path):
+    ae = load_flux_autoencoder(bagel_tiny)
     ae.save_pretrained(tmp_path / "diffusers-ae")
     assert {"config.json", "diffusion_pytorch_model.safetensors"} <= {p.name for p in (tmp_path / "diffusers-ae").iterdir()}
     back = load_flux_autoencoder(tmp_path / "diffusers-ae")
@@ -357,14 +350,13 @@ def test_fixture_diffusers_save_and_our_loader_round_trip(tmp_path):
         assert torch.equal(back.decode(z), ae.decode(z))
 
 
-@needs_fixture
-def test_fixture_corrupted_key_set_is_refused_with_a_list(tmp_path):
-    state = load_file(str(FIXTURE / "ae.safetensors"))
+def test_fixture_corrupted_key_set_is_refused_with_a_list(bagel_tiny, tmp_path):
+    state = load_file(str(bagel_tiny / "ae.safetensors"))
     state.pop("decoder.up.3.upsample.conv.weight")
     state["encoder.quant_conv.weight"] = torch.zeros(32, 32, 1, 1)
     state["encoder.mid.attn_1.q.weight"] = torch.zeros(64, 32, 1, 1)
     save_file(state, str(tmp_path / "ae.safetensors"))
-    shutil.copy(FIXTURE / "ae_params.json", tmp_path / "ae_params.json")
+    shutil.copy(bagel_tiny / "ae_params.json", tmp_path / "ae_params.json")
     with pytest.raises(VAEError) as info:
         load_flux_file(tmp_path / "ae.safetensors")
     message = str(info.value)

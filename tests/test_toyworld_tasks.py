@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tapestry.atomic import OUTPUT_MARKER
 from tapestry.document import ImageSegment, TextSegment, to_inline
 from tapestry.markup import ordinal_phrase
 from tapestry.storage import iter_documents
@@ -151,7 +152,8 @@ def test_cli_sample_bench_and_judge(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["sample", "--task", "edit", "--n", "2", "--out", str(tmp_path / "s"), "--side", "32", "-q"])
     assert result.exit_code == 0, result.output
-    assert len(list((tmp_path / "s").iterdir())) == 4  # two scenes, both layouts
+    assert len([p for p in (tmp_path / "s").iterdir() if not p.name.startswith(".")]) == 4  # two scenes, both layouts
+    assert (tmp_path / "s" / OUTPUT_MARKER).is_file()  # the folder says who wrote it
     result = runner.invoke(app, ["bench", "--out", str(tmp_path / "b"), "--compose", "1", "--story", "1", "--edit", "0",
                                  "--understand", "1", "--howto", "1", "--side", "32", "-q"])
     assert result.exit_code == 0, result.output

@@ -104,10 +104,25 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_good_one(se
     config_file = tmp_path / "tiny.toml"
     config_file.write_text(dump_toml(config_from_data(setup["raw"])))
     flag = tmp_path / "paused"
-    env = {**os.environ, "TAPESTRY_TEST_PAUSE_IN_CHECKPOINT": "6", "TAPESTRY_TEST_PAUSE_FLAG": str(flag),
-           "TAPESTRY_TEST_PAUSE_SECONDS": "120"}
-    process = subprocess.Popen([sys.executable, "-m", "tapestry.train", "train", str(config_file), "--out", str(run),
-                                "--quiet"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The library has no test hook: this process wraps the checkpoint module's barrier so that the
+    # step-6 save holds after the state and RNG files, before trainer.json, long enough to SIGKILL.
+    rng_file = run / "checkpoints" / ".step-00000006.partial" / "rng" / "rank-0.pt"
+    pausing = f"""
+import sys, time
+from pathlib import Path
+from tapestry.train import checkpoint as ckpt
+real_barrier = ckpt.barrier
+def barrier(d):
+    real_barrier(d)
+    if Path({str(rng_file)!r}).exists():
+        Path({str(flag)!r}).write_text("paused")
+        time.sleep(120)
+ckpt.barrier = barrier
+from tapestry.train.cli import app
+app(["train", {str(config_file)!r}, "--out", {str(run)!r}, "--quiet"])
+"""
+    process = subprocess.Popen([sys.executable, "-c", pausing], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 90
         while not flag.exists():

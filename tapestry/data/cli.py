@@ -64,6 +64,7 @@ JsonOutput = Annotated[bool, typer.Option("--json", help="Print the summary as o
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Folder for the shards; its hidden .tapestry/ holds the "
                                    "resume manifest, the rejection log and the summary.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Write into --out even if it holds files the engine did not write.")]
 
 
 @app.command()
@@ -80,6 +81,7 @@ def video(
     settings: Settings = [],  # noqa: B006 - typer reads the default
     config_file: ConfigFile = None, seed: Seed = 0, shard_size: ShardSize = 256,
     show_config: ShowConfig = False, json_output: JsonOutput = False, quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Videos -> webdataset shards of interleaved Documents, resumably.
 
@@ -118,6 +120,7 @@ def image(
     settings: Settings = [],  # noqa: B006 - typer reads the default
     config_file: ConfigFile = None, seed: Seed = 0, shard_size: ShardSize = 256,
     show_config: ShowConfig = False, json_output: JsonOutput = False, quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Images -> inline interleaved captions (Inset), resumably.
 
@@ -146,6 +149,7 @@ def web(
     settings: Settings = [],  # noqa: B006 - typer reads the default
     config_file: ConfigFile = None, seed: Seed = 0, shard_size: ShardSize = 256,
     show_config: ShowConfig = False, json_output: JsonOutput = False, quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """How-to web pages -> clean interleaved Documents (DuetGen), resumably.
 
@@ -177,6 +181,7 @@ def synth(
     settings: Settings = [],  # noqa: B006 - typer reads the default
     config_file: ConfigFile = None, seed: Seed = 0, shard_size: ShardSize = 256,
     show_config: ShowConfig = False, json_output: JsonOutput = False, quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Synthetic multi-image Documents (ILLUME-X in-context generation), resumably.
 
@@ -202,7 +207,7 @@ def _run_engine(noun: str, inputs: list[str], *, out: Path, pipeline: str, execu
                 ray_address: str | None, provider: str, model: str | None, base_url: str | None,
                 concurrency: int, timeout: float, budget_tokens: int | None, budget_usd: float | None,
                 price_in: float, price_out: float, settings: list[str], config_file: Path | None, seed: int,
-                shard_size: int, show_config: bool, json_output: bool, quiet: bool) -> None:
+                shard_size: int, show_config: bool, json_output: bool, quiet: bool, overwrite: bool = False) -> None:
     from tapestry.data.engine import EngineOptions, run
     from tapestry.data.pipelines import build_config, pipeline_class
     from tapestry.data.pipelines import config as config_io
@@ -233,7 +238,7 @@ def _run_engine(noun: str, inputs: list[str], *, out: Path, pipeline: str, execu
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     options = EngineOptions(pipeline, config, provider_config, out, executor, workers, ray_address, shard_size,
                             progress=not quiet and not json_output,
-                            log=(lambda m: None) if quiet else (lambda m: err.print(escape(m))))
+                            log=(lambda m: None) if quiet else (lambda m: err.print(escape(m))), overwrite=overwrite)
     try:
         summary = run(inputs, options)
     except TapestryError as e:

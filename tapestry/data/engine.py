@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tapestry.atomic import atomic_write_text
+from tapestry.atomic import atomic_write_text, check_output_dir, claim_output_dir
 from tapestry.data.executors import Job, make_executor
 from tapestry.data.manifest import STATE_DIR, Manifest, shard_name
 from tapestry.data.operators.base import Rejection, StageStats
@@ -35,6 +35,7 @@ from tapestry.data.pipelines import config as config_io
 from tapestry.data.pipelines import pipeline_class
 from tapestry.data.providers import ProviderConfig
 from tapestry.data.records import InputItem, InputResult
+from tapestry.errors import TapestryError
 from tapestry.storage import save_shard
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -55,6 +56,7 @@ class EngineOptions:
     cache_dir: Path | None = None  # provider response cache; default OUT/.tapestry/cache
     progress: bool = True
     log: Callable[[str], None] = field(default=lambda message: None)
+    overwrite: bool = False  # write into an --out that holds files the engine did not write
 
 
 def discover_inputs(paths: list[str], suffixes: tuple[str, ...],
@@ -181,6 +183,9 @@ def run_header(options: EngineOptions) -> dict[str, Any]:
             "config_values": config_io.to_dict(options.config)}
 
 
+DATA_WRITER = "tapestry data"
+
+
 def run(paths: list[str], options: EngineOptions) -> dict[str, Any]:
     """Process `paths` into `options.out`, resuming whatever an earlier run finished."""
     started = time.perf_counter()
@@ -194,13 +199,22 @@ def run(paths: list[str], options: EngineOptions) -> dict[str, Any]:
         cls.check_config(options.config)
     for stage, info in checked.items():
         options.log(f"{stage}: local {info['model_type']} model {info['path']}")
+    # Pipelines that make their inputs (synthetic data) name them themselves.
+    discover = getattr(cls, "discover", None)
+    if discover is None:
+        missing = [str(p) for p in paths if not os.path.lexists(str(p))]
+        if missing:  # a mistyped path fails before any folder is made or any work starts
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise TapestryError(f"no such input: {shown}; check the path(s) and rerun (nothing was written)")
+    # a folder an engine filled before output markers existed resumes too
+    legacy = (STATE_DIR, "shard-*.tar", ".shard-*")
+    check_output_dir(out, DATA_WRITER, options.overwrite, legacy=legacy, resumable=True)
+    items, pre_failed = (discover(paths) if discover is not None
+                         else discover_inputs(paths, cls.input_suffixes, getattr(cls, "input_noun", "videos")))
+    claim_output_dir(out, DATA_WRITER, options.overwrite, legacy=legacy)
     manifest, removed = Manifest.open(out, run_header(options))
     if removed:
         options.log(f"removed {len(removed)} leftover file(s) of an interrupted run: {', '.join(removed)}")
-    # Pipelines that make their inputs (synthetic data) name them themselves.
-    discover = getattr(cls, "discover", None)
-    items, pre_failed = (discover(paths) if discover is not None
-                         else discover_inputs(paths, cls.input_suffixes, getattr(cls, "input_noun", "videos")))
     finished = manifest.finished_keys()
     todo = [item for item in items if item.key not in finished]
     state = out / STATE_DIR

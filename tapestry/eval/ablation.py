@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from tapestry.atomic import atomic_write_text
+from tapestry.atomic import atomic_write_text, claim_output_dir
 from tapestry.eval.report import mean_ci, plot_bars, plot_lines, provenance_lines
 from tapestry.eval.toyworld import EvalError, ToyWorldEvalConfig, run_toyworld
 
@@ -91,14 +91,19 @@ def _cell(block: dict) -> str:
     return f"{mean} {f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else ''}".rstrip()
 
 
+ABLATION_WRITER = "tapestry eval ablation"
+
+
 def placement(config: ToyWorldEvalConfig, out: Path, command: list[str], progress=None,
-              inline_checkpoint: str | None = None, image_first_checkpoint: str | None = None) -> dict:
+              inline_checkpoint: str | None = None, image_first_checkpoint: str | None = None,
+              overwrite: bool = False) -> dict:
     """Two checkpoints (inline_checkpoint, image_first_checkpoint: each judged in its own layout)
     or one (config.checkpoint, judged in both layouts). See the module docstring."""
     if any(t not in ("compose", "edit", "understand") for t in config.tasks):
         raise EvalError("placement compares layouts: --tasks may hold compose, edit, understand only")
     if (inline_checkpoint is None) != (image_first_checkpoint is None):
         raise EvalError("placement: give both --inline and --image-first (two models), or neither (--checkpoint)")
+    claim_output_dir(out, ABLATION_WRITER, overwrite)
     if inline_checkpoint is not None:
         runs = {}
         for label, layout, checkpoint in (("inline", "inline", inline_checkpoint),
@@ -151,7 +156,8 @@ def placement(config: ToyWorldEvalConfig, out: Path, command: list[str], progres
     return _write(out, "Ablation: placement (Inset)", record, lines, result)
 
 
-def references(config: ToyWorldEvalConfig, vit: str, vae: str, out: Path, command: list[str], progress=None) -> dict:
+def references(config: ToyWorldEvalConfig, vit: str, vae: str, out: Path, command: list[str], progress=None, overwrite: bool = False) -> dict:
+    claim_output_dir(out, ABLATION_WRITER, overwrite)
     runs = {}
     for label, checkpoint in (("vit", vit), ("vit_vae", vae)):
         runs[label] = run_toyworld(dataclasses.replace(config, checkpoint=checkpoint), out / label, command, progress=progress)
@@ -175,9 +181,10 @@ def guidance_grid(grid: dict[str, list[float]]) -> list[dict[str, float]]:
 
 
 def guidance(config: ToyWorldEvalConfig, rule: str, grid: dict[str, list[float]], out: Path, command: list[str],
-             progress=None, baseline: bool = True) -> dict:
+             progress=None, baseline: bool = True, overwrite: bool = False) -> dict:
     if not grid:
         raise EvalError("--grid: give at least one scale, e.g. --grid gamma_txt=1,2,4,8 --grid gamma_img=1")
+    claim_output_dir(out, ABLATION_WRITER, overwrite)
     points = guidance_grid(grid)
     variants: list[tuple[str, str, dict]] = [("none", "none", {})] if baseline else []
     variants += [(f"{rule}-" + ",".join(f"{k}={v:g}" for k, v in p.items()), rule, p) for p in points]

@@ -90,6 +90,7 @@ def _command(ctx: typer.Context) -> list[str]:
     return words
 
 
+OVERWRITE_HELP = "Write into --out even if it holds files this command did not write."
 CHECKPOINT_HELP = "'default', a pipeline folder (tapestry export), or a baseline: oracle | copy-reference."
 
 
@@ -108,6 +109,7 @@ def toyworld(
     scale: list[str] = typer.Option([], "--scale", help="A guidance scale NAME=VALUE (gamma_txt=8, s1=4, ...). Repeat."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95 % intervals."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (resumable: rerun the same command after a kill)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print {overall, tasks: {task: {layout: mean}}, ci95, exact: {the same, strict}} only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -129,7 +131,7 @@ def toyworld(
                          _parse_scales(scale))
     except TapestryError as e:
         raise _fail(str(e)) from None
-    summary = _run(lambda p: run_toyworld(config, out, _command(ctx), progress=p), quiet or json_output, "toyworld eval")
+    summary = _run(lambda p: run_toyworld(config, out, _command(ctx), progress=p, overwrite=overwrite), quiet or json_output, "toyworld eval")
     if json_output:
         print(json.dumps(json_summary(summary)))
     else:
@@ -169,6 +171,7 @@ def ablation_placement(
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples."),
     out: Path = typer.Option(..., "--out", "-o", help="Ablation folder (resumable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -192,7 +195,7 @@ def ablation_placement(
         config = _config(inline or checkpoint, split, n, tasks, "inline,image-first", side, seed, steps, bootstrap)
     except TapestryError as e:
         raise _fail(str(e)) from None
-    result = _run(lambda p: ablation.placement(config, out, _command(ctx), p, inline, image_first),
+    result = _run(lambda p: ablation.placement(config, out, _command(ctx), p, inline, image_first, overwrite=overwrite),
                   quiet or json_output, "placement")
     _print_ablation(result, json_output, out)
 
@@ -210,6 +213,7 @@ def ablation_references(
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples."),
     out: Path = typer.Option(..., "--out", "-o", help="Ablation folder (resumable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -225,7 +229,7 @@ def ablation_references(
         config = _config(vit, split, n, tasks, "inline,image-first,interleaved", side, seed, steps, bootstrap)
     except TapestryError as e:
         raise _fail(str(e)) from None
-    result = _run(lambda p: ablation.references(config, vit, vae, out, _command(ctx), p), quiet or json_output, "references")
+    result = _run(lambda p: ablation.references(config, vit, vae, out, _command(ctx), p, overwrite=overwrite), quiet or json_output, "references")
     _print_ablation(result, json_output, out)
 
 
@@ -244,6 +248,7 @@ def ablation_guidance(
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples."),
     out: Path = typer.Option(..., "--out", "-o", help="Ablation folder (resumable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -272,7 +277,7 @@ def ablation_guidance(
             validate_scales({"illume": "two_condition"}.get(rule, rule), **point)
     except (TapestryError, ValueError, KeyError) as e:
         raise _fail(str(e)) from None
-    result = _run(lambda p: ablation.guidance(config, rule, parsed, out, _command(ctx), p, baseline), quiet or json_output,
+    result = _run(lambda p: ablation.guidance(config, rule, parsed, out, _command(ctx), p, baseline, overwrite=overwrite), quiet or json_output,
                   "guidance sweep")
     _print_ablation(result, json_output, out)
 
@@ -300,6 +305,7 @@ def judge_command(
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Stop cleanly after this much money (with --price-in/--price-out)."),
     price_in: float = typer.Option(0.0, help="Price per million prompt tokens."),
     price_out: float = typer.Option(0.0, help="Price per million completion tokens."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -315,11 +321,13 @@ def judge_command(
 
         tapestry eval judge --protocol opening --bench OpenING-benchmark/test_data.jsonl --pred gen_outputs/MyModel_output --out runs/judge/opening
     """
+    from tapestry.atomic import check_output_dir
     from tapestry.eval import loaders, protocols
     from tapestry.eval.judge import Judge, JudgeConfig
-    from tapestry.eval.runner import run_protocol
+    from tapestry.eval.runner import JUDGE_LEGACY, JUDGE_WRITER, run_protocol
 
     try:
+        check_output_dir(out, JUDGE_WRITER, overwrite, legacy=JUDGE_LEGACY, resumable=True)
         module = protocols.get(protocol)
         kind = format if format != "auto" else {"opening": "opening", "isg": "isg"}.get(protocol, "documents")
         if kind == "opening":
@@ -339,7 +347,7 @@ def judge_command(
         judge = Judge.from_config(config)
     except TapestryError as e:
         raise _fail(str(e)) from None
-    summary = _run(lambda p: run_protocol(module, samples, judge, out, _command(ctx), p), quiet or json_output,
+    summary = _run(lambda p: run_protocol(module, samples, judge, out, _command(ctx), p, overwrite=overwrite), quiet or json_output,
                    f"judging ({protocol})")
     if json_output:
         print(json.dumps({k: v for k, v in summary.items() if k != "missing"}))

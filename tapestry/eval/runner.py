@@ -35,9 +35,17 @@ def _name(sample_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in sample_id)
 
 
+JUDGE_WRITER = "tapestry eval judge"
+# what a run folder held before output markers existed (it resumes): judgements/ first
+JUDGE_LEGACY = ("judgements", "cache", "budget.json", "scores.jsonl", "summary.json", "report.md")
+
+
 def run_protocol(protocol, samples: list[EvalSample], judge: Judge, out: str | Path, command: list[str],
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    from tapestry.atomic import claim_output_dir
+
     out = Path(out)
+    claim_output_dir(out, JUDGE_WRITER, overwrite, legacy=JUDGE_LEGACY)
     rows, reused, stopped = [], 0, None
     for k, sample in enumerate(samples):
         path = out / "judgements" / f"{_name(sample.id)}.json"

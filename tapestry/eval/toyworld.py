@@ -200,21 +200,28 @@ def _safe_name(doc_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in doc_id)
 
 
+EVAL_WRITER = "tapestry eval toyworld"
+# what a run folder held before output markers existed (it resumes): run.json first
+EVAL_LEGACY = ("run.json", "scores", "predictions", "scores.jsonl", "summary.json", "report.*", "*.png")
+
+
 def run_toyworld(config: ToyWorldEvalConfig, out: str | os.PathLike, command: list[str] | None = None,
                  generator: Generator | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Generate (or reuse), judge (or reuse), summarize and report. Returns the summary."""
+                 progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Generate (or reuse), judge (or reuse), summarize and report. Returns the summary. An `out`
+    holding files an eval did not write is refused unless `overwrite`."""
+    from tapestry.atomic import check_output_dir, claim_output_dir
     from tapestry.storage import load_folder, save_folder
     from tapestry.toyworld.evaluate import JudgeError, judge_document
 
     config.check()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EvalError(f"--out {out} is a file; give a folder")
+    check_output_dir(out, EVAL_WRITER, overwrite, legacy=EVAL_LEGACY, resumable=True)
     expected_docs = benchmark_documents(config)
     generator = generator or make_generator(config)
     settings = settings_record(config, generator)
     _check_same_run(out, settings)
+    claim_output_dir(out, EVAL_WRITER, overwrite, legacy=EVAL_LEGACY)
     command = list(sys.argv if command is None else command)
     record = {"settings": settings, "command": command, "tapestry": tapestry.__version__}
     atomic_write_text(out / "run.json", json.dumps(record, indent=1) + "\n")

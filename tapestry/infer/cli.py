@@ -45,10 +45,14 @@ def _input_document(prompt: str, images: list[str], doc_id: str):
     return from_markup(prompt, _parse_images(images), id=doc_id, source="<prompt>")
 
 
+WRITER = "tapestry generate"
+
+
 def generate_command(
-    prompt: str = typer.Argument(..., help="Markup like 'A [img1] sits left of a [img2].', or a Document folder / .json."),
-    image: list[str] = typer.Option([], "--image", "-i", help="An image for the next [imgK] slot (or NAME=PATH for <img:NAME/>). Repeat."),
+    prompt: str = typer.Argument(..., help="Markup like 'A \\[img1] sits left of a \\[img2].', or a Document folder / .json."),
+    image: list[str] = typer.Option([], "--image", "-i", help="An image for the next \\[imgK] slot (or NAME=PATH for <img:NAME/>). Repeat."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write: doc.json, images/, index.html."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files generate did not write."),
     checkpoint: str = typer.Option("default", help="'default' (the embedded ToyWorld model) or a pipeline folder."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default: the checkpoint's, 0)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps per image."),
@@ -78,16 +82,15 @@ def generate_command(
 
     Example:
 
-        tapestry generate "A [img1] sits top-left of a large [img2]." --image a.png --image b.png --out out/ --seed 0
+        tapestry generate "A \\[img1] sits top-left of a large \\[img2]." --image a.png --image b.png --out out/ --seed 0
     """
+    from tapestry.atomic import check_output_dir
     from tapestry.infer.pipeline import Pipeline
     from tapestry.storage import Loaded, save_folder
     from tapestry.viewer import render_page
 
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
-        if out.exists() and not out.is_dir():
-            raise TapestryError(f"--out {out} exists and is not a folder")
         doc = _input_document(prompt, image, doc_id)
         scales = {k: v for k, v in dict(scale=scale, gamma_txt=gamma_txt, gamma_img=gamma_img, s1=s1, s2=s2,
                                         text_scale=text_scale, image_scale=image_scale, renorm=renorm).items()
@@ -102,6 +105,7 @@ def generate_command(
             max_images=max_images, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             image_size=(size, size) if size else None,
         )
+        check_output_dir(out, WRITER, overwrite)  # before any generation: a refused --out costs nothing
     except DocumentError as e:
         for problem in e.problems:
             err.print(f"[bold red]error:[/] {escape(str(problem))}")
@@ -136,7 +140,7 @@ def generate_command(
     result = final.document
     result.meta["generation"].update(checkpoint=pipe.checkpoint, checkpoint_hash=pipe.checkpoint_hash)
     page = render_page([Loaded(str(out / "doc.json"), result)], title=f"tapestry generate — {result.id}")
-    save_folder(result, out, extra_files={"index.html": page.encode("utf-8")})
+    save_folder(result, out, extra_files={"index.html": page.encode("utf-8")}, overwrite=overwrite, writer=WRITER)
     summary = {
         "out": str(out),
         "id": result.id,

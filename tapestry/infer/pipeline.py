@@ -15,6 +15,7 @@ from tapestry.document import Document, from_markup
 from tapestry.errors import TapestryError
 from tapestry.infer.engine import Engine, GenerationOptions
 from tapestry.infer.events import Event
+from tapestry.models.common.config import section_from_dict
 from tapestry.models.pipeline_folder import (  # noqa: F401  (re-exported for callers of infer.pipeline)
     DEFAULT_DIR,
     FORMAT,
@@ -22,6 +23,7 @@ from tapestry.models.pipeline_folder import (  # noqa: F401  (re-exported for ca
     CheckpointNotFound,
     checkpoint_hash,
     load_pipeline,
+    read_pipeline_record,
     resolve_checkpoint,
     save_pipeline,
 )
@@ -40,13 +42,12 @@ class Pipeline:
     def from_pretrained(cls, name: str | os.PathLike = "default", device: str = "cpu") -> "Pipeline":
         folder = resolve_checkpoint(name)
         parts = load_pipeline(folder, device=device)
-        generation = dict(parts.generation)
-        if generation.get("image_size") is not None:
-            generation["image_size"] = tuple(generation["image_size"])
+        where = f"{folder / PIPELINE_FILE}: generation"
+        defaults = section_from_dict(GenerationOptions, parts.generation, where, TapestryError)
         try:
-            defaults = GenerationOptions(**generation)
-        except TypeError as e:
-            raise TapestryError(f"{folder / PIPELINE_FILE}: invalid generation defaults: {e}") from None
+            defaults.check()
+        except TapestryError as e:
+            raise TapestryError(f"{where}: {e}") from None
         engine = Engine(parts.family.runtime(parts.model, parts.tokenizer, parts.codec, parts.layout))
         return cls(engine, defaults, str(name), checkpoint_hash(folder))
 

@@ -73,10 +73,14 @@ def _upstream_family(folder: Path):
 def checkpoint_hash(folder: Path) -> str:
     """sha256 over every weight and config file of the folder, in sorted order (short form); an
     adapter folder's hash covers its base model's too."""
+    from tapestry.atomic import OUTPUT_MARKER
+
     digest = hashlib.sha256()
     if (Path(folder) / ADAPTER_FILE).is_file():
         digest.update(checkpoint_hash(_adapter_base(Path(folder))).encode())
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in {".safetensors", ".json"}):
+    # the output marker says who wrote the folder (and with which tapestry version), not what it holds
+    for path in sorted(p for p in Path(folder).rglob("*")
+                       if p.is_file() and p.suffix in {".safetensors", ".json"} and p.name != OUTPUT_MARKER):
         digest.update(str(path.relative_to(folder)).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -159,6 +163,43 @@ class PipelineParts:
     folder: Path
 
 
+# Every layout field must be in pipeline.json (a missing one would silently take a default the
+# model was not trained with), except those added after pipelines were first written: a record
+# without them was written before they existed and means their defaults.
+LAYOUT_ADDED_LATER = ("text_turns",)
+
+
+def read_pipeline_record(folder: str | os.PathLike) -> tuple[dict[str, Any], str, LayoutConfig, dict[str, Any]]:
+    """`pipeline.json` of a pipeline folder, checked field by field before any weights are read:
+    (record, family name, layout, generation defaults as stored). A bad record is one
+    CheckpointError naming the file and the field (`pipeline.json: layout.target_size: missing`)."""
+    from tapestry.models import family as families
+    from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+    from tapestry.models.common.config import section_from_dict
+
+    where = Path(folder) / PIPELINE_FILE
+    record = read_json_file(where, "a tapestry pipeline record (tapestry export writes it)")
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not a tapestry pipeline (format {record.get('format')!r})")
+    try:
+        family = families.family_name(record, str(where))
+    except families.FamilyError as e:
+        raise CheckpointError(str(e)) from None
+    required = [f.name for f in dataclasses.fields(LayoutConfig) if f.name not in LAYOUT_ADDED_LATER]
+    layout = section_from_dict(LayoutConfig, record.get("layout"), f"{where}: layout", CheckpointError,
+                               required=required, fix="write the checkpoint again (tapestry export)")
+    for name, value in dataclasses.asdict(layout).items():
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in numbers):
+            raise CheckpointError(f"{where}: layout.{name}: must be at least 1, got {value}")
+    if layout.text_loss not in ("targets", "all"):
+        raise CheckpointError(f"{where}: layout.text_loss: expected 'targets' or 'all', got {layout.text_loss!r}")
+    generation = record.get("generation", {})
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{where}: generation: expected an object, got {type(generation).__name__}")
+    return record, family, layout, dict(generation)
+
+
 def load_pipeline(folder: str | os.PathLike, device: str = "cpu") -> PipelineParts:
     """Read a pipeline folder for inference: weights frozen (`requires_grad_(False)`), eval mode."""
     from tapestry.models import family as families
@@ -174,15 +215,11 @@ def load_pipeline(folder: str | os.PathLike, device: str = "cpu") -> PipelinePar
         model, tokenizer, codec, layout, generation = upstream.read_upstream(folder, device=device)
         model.eval().requires_grad_(False)
         return PipelineParts(upstream, model, tokenizer, codec, layout, generation, folder)
-    record = _read_record(where, FORMAT)
+    _, name, layout, generation = read_pipeline_record(folder)
     try:
-        family = families.get(families.family_name(record, str(where)))
-        generation = dict(record.get("generation", {}))
+        family = families.get(name)
     except families.FamilyError as e:
         raise TapestryError(f"{where}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise TapestryError(f"{where}: invalid pipeline file: {e}") from None
-    layout = _layout_of(record, where)
     model = family.from_pretrained(folder, device=device)
     model.eval().requires_grad_(False)
     tokenizer = TextTokenizer.load(folder)

@@ -27,8 +27,7 @@ def _group() -> None:
 
 
 REPORT_NAME = "report.json"
-# What a training folder may already hold; anything else means --out points at someone's folder.
-_OWN_FILES = {"config.json", "model.safetensors", REPORT_NAME}
+WRITER = "tapestry vae train"
 JUDGE_GATE = 0.98  # DESIGN §10: the AE's reconstructions must score this before flow training
 
 
@@ -49,6 +48,7 @@ def train(
     heldout: int = typer.Option(64, help="Held-out scenes for PSNR and the judge (a fixed set)."),
     judge: bool = typer.Option(True, "--judge/--no-judge", help="Score reconstructions with the ToyWorld judge."),
     gate: bool = typer.Option(False, "--gate", help=f"Exit 1 when the judge score of reconstructions is below {JUDGE_GATE}."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files vae train did not write."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default). On a CPU shared with other jobs, 1 can be several times faster than all cores."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; still prints the report."),
 ) -> None:
@@ -65,13 +65,12 @@ def train(
         raise _fail("--steps, --batch-size, --heldout and --latent-channels must be at least 1")
     if resolution < 16 or resolution % 4:
         raise _fail(f"--resolution must be a multiple of 4 and at least 16, got {resolution}")
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} is a file; give a folder")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_FILES)
-        if foreign:
-            raise _fail(f"--out {out} holds files that are not an AE checkpoint ({', '.join(foreign[:5])}); "
-                        "give a new or empty folder")
+    from tapestry.atomic import OutputFolderError, check_output_dir, output_dir
+
+    try:
+        check_output_dir(out, WRITER, overwrite)
+    except OutputFolderError as e:
+        raise _fail(str(e)) from None
 
     import torch
     from rich.progress import (
@@ -83,7 +82,6 @@ def train(
         TimeRemainingColumn,
     )
 
-    from tapestry.atomic import atomic_dir
     from tapestry.models.vae import train as training
     from tapestry.models.vae.toy import ToyAEConfig
 
@@ -129,7 +127,7 @@ def train(
                  "passed": None if "judge" not in metrics else metrics["judge"] >= JUDGE_GATE},
         "torch": torch.__version__,
     }
-    with atomic_dir(out) as tmp:
+    with output_dir(out, WRITER, overwrite) as tmp:
         model.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report))

@@ -17,7 +17,7 @@ from rich.markup import escape
 app = typer.Typer(name="vit", help="The understanding encoder (ViT) of the mot family.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-_OWN_FILES = {"vit.safetensors", "encoder.json"}
+_OWN_FILES = ("vit.safetensors", "encoder.json", "vit.safetensors.partial")
 
 
 @app.callback()
@@ -55,12 +55,12 @@ def pretrain(
         train_config = load_config(config)
     except TapestryError as exc:
         raise _fail(str(exc)) from None
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} is a file, not a folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWN_FILES) if out.is_dir() else []
-    if foreign and not overwrite:
-        raise _fail(f"--out {out} holds files this command did not write ({', '.join(foreign[:3])}); "
-                    "choose another folder or pass --overwrite")
+    from tapestry.atomic import OutputFolderError, claim_output_dir
+
+    try:  # a folder an earlier version wrote (only these files, no marker yet) is still this command's
+        claim_output_dir(out, "tapestry vit pretrain", overwrite, legacy=_OWN_FILES)
+    except OutputFolderError as exc:
+        raise _fail(str(exc)) from None
     # references are drawn at the side the training data renders targets at
     vit_config, side = train_config.model.arch.vit, train_config.layout.target_size[0]
     settings = EncoderPretrainConfig(side=side, train_images=images, val_images=val, steps=steps, seed=seed, threads=threads)

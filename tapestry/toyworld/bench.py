@@ -16,12 +16,15 @@ from tapestry.toyworld.spec import SpecError
 from tapestry.toyworld.splits import BENCH_NAME, BENCH_SIDE, BENCH_SIZES
 
 
+BENCH_WRITER = "tapestry toyworld bench"
+
+
 def write_bench(out_dir: str | os.PathLike, sizes: dict[str, int] | None = None, side: int = BENCH_SIDE,
-                progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[str, int], None] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write `toyworld-bench-v1`: one webdataset shard per task (compose holds both layouts of
     each scene) and `manifest.json` with counts and checksums, from the test split. The folder
-    appears whole or not at all."""
-    from tapestry.atomic import atomic_dir
+    appears whole or not at all; an existing one holding other files is refused unless `overwrite`."""
+    from tapestry.atomic import output_dir
     from tapestry.storage import save_shard
     from tapestry.toyworld import tasks
 
@@ -33,7 +36,7 @@ def write_bench(out_dir: str | os.PathLike, sizes: dict[str, int] | None = None,
             raise SpecError(f"sizes.{task}: expected an integer >= 0, got {n!r}")
     out_dir = Path(out_dir)
     manifest: dict[str, Any] = {"name": BENCH_NAME, "split": "test", "side": side, "sizes": sizes, "files": {}}
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, BENCH_WRITER, overwrite) as tmp:
         for task, n in sizes.items():
             docs = []
             for index in range(n):

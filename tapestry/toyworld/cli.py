@@ -45,6 +45,7 @@ def sample(
     start: int = typer.Option(0, help="Index of the first document in the split."),
     side: int = typer.Option(64, help="Image side in pixels (any size from 16 to 1024)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced atomically): one Document folder each, or shards."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files this command did not write."),
     shard: bool = typer.Option(False, "--shard", help="Write one webdataset shard <task>.tar instead of folders."),
     grid: Path | None = typer.Option(None, help="Also write a PNG contact sheet of the documents here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -55,7 +56,7 @@ def sample(
 
         tapestry toyworld sample --task compose --layout inline --n 8 --seed 0 --out samples/compose
     """
-    from tapestry.atomic import atomic_dir
+    from tapestry.atomic import OutputFolderError, check_output_dir, output_dir
     from tapestry.storage import save_folder, save_shard
     from tapestry.toyworld import tasks
     from tapestry.toyworld.spec import SpecError
@@ -70,8 +71,10 @@ def sample(
         raise _fail(f"--layout {layout!r}: choose inline, image-first or both")
     if n < 1 or start < 0:
         raise _fail("--n must be at least 1 and --start at least 0")
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} is a file; give a folder")
+    try:
+        check_output_dir(out, "tapestry toyworld sample", overwrite)
+    except OutputFolderError as e:
+        raise _fail(str(e)) from None
     docs = []
     try:
         with _progress(quiet, n * len(layouts), f"sampling {task}") as progress:
@@ -82,7 +85,7 @@ def sample(
                     progress.advance(bar)
     except SpecError as e:
         raise _fail(str(e)) from None
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "tapestry toyworld sample", overwrite) as tmp:
         if shard:
             save_shard(docs, tmp / f"{task}.tar")
         else:
@@ -101,6 +104,7 @@ def sample(
 @app.command()
 def bench(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the benchmark (replaced atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files this command did not write."),
     compose: int = typer.Option(100, help="Compose scenes (each written in both layouts)."),
     story: int = typer.Option(100, help="Story documents."),
     edit: int = typer.Option(100, help="Edit scenes (each written in both layouts)."),
@@ -118,17 +122,18 @@ def bench(
 
         tapestry toyworld bench --out bench/toyworld-v1 --compose 10 --story 10 --edit 10 --understand 10 --howto 5
     """
+    from tapestry.atomic import OutputFolderError, check_output_dir
+    from tapestry.toyworld.bench import BENCH_WRITER, write_bench
     from tapestry.toyworld.spec import SpecError
-    from tapestry.toyworld.bench import write_bench
 
     sizes = {"compose": compose, "story": story, "edit": edit, "understand": understand, "howto": howto}
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} is a file; give a folder")
     try:
+        check_output_dir(out, BENCH_WRITER, overwrite)
         with _progress(quiet, sum(sizes.values()), "writing toyworld-bench-v1") as progress:
             bar = progress.add_task("bench", total=sum(sizes.values()))
-            manifest = write_bench(out, sizes, side, progress=lambda task, k: progress.advance(bar))
-    except SpecError as e:
+            manifest = write_bench(out, sizes, side, progress=lambda task, k: progress.advance(bar),
+                                   overwrite=overwrite)
+    except (SpecError, OutputFolderError) as e:
         raise _fail(str(e)) from None
     print(json.dumps(manifest, indent=None if quiet else 1))
 
@@ -265,5 +270,17 @@ def _emit(report: dict, json_output: bool, out: Path | None) -> None:
                        if (row.get(key) or {}).get("mean") is not None)
         console.print(f"  {name:24s} n={row['n']:4d}  graded {row['mean']} {row['ci95']}  "
                       f"exact {row['exact']['mean']} {row['exact']['ci95']}{also}")
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
     for item in report["invalid"]:
-        console.print(f"[red]✗[/] {escape(str(item))}")
+        err.print(f"[red]✗[/] {escape(problem_line(item))}")
+    if report["missing"]:
+        shown = ", ".join(report["missing"][:10]) + (" ..." if len(report["missing"]) > 10 else "")
+        err.print(f"[red]✗[/] {len(report['missing'])} expected document(s) have no prediction: {escape(shown)}")
+
+
+def problem_line(item: dict) -> str:
+    """`SOURCE: sample 'ID': REASON`, the shape of every other problem line tapestry prints."""
+    where = item.get("source", "<unknown>")
+    if item.get("id") is not None:
+        where += f": sample {item['id']!r}"
+    return f"{where}: {item.get('reason', 'invalid')}"

@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -97,14 +96,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _pause_for_tests(step: int) -> None:
-    # The kill test sets TAPESTRY_TEST_PAUSE_IN_CHECKPOINT=STEP to hold that step's save between
-    # the state files and trainer.json, long enough to SIGKILL the process mid-write.
-    if os.environ.get("TAPESTRY_TEST_PAUSE_IN_CHECKPOINT") == str(step):
-        (Path(os.environ.get("TAPESTRY_TEST_PAUSE_FLAG", os.devnull))).write_text("paused")
-        time.sleep(float(os.environ.get("TAPESTRY_TEST_PAUSE_SECONDS", "60")))
-
-
 @contextlib.contextmanager
 def quiet_single_process():
     # DCP warns that it "assumes" one process when no process group exists; here that is the plan.
@@ -150,7 +141,6 @@ def save_checkpoint(run_dir: str | Path, step: int, d: Dist, module, optimizer, 
     torch.save(rng_state(), partial / "rng" / f"rank-{d.rank}.pt")
     barrier(d)
     if d.is_main:
-        _pause_for_tests(step)
         (partial / "data.json").write_text(json.dumps(data_state), encoding="utf-8")
         (partial / "config.toml").write_text(config_toml, encoding="utf-8")
         (partial / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=1), encoding="utf-8")

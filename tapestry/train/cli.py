@@ -73,6 +73,7 @@ def train_command(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config field: KEY=VALUE, e.g. optim.lr=3e-4 (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", help="No config print-out and no progress bar."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this global step (a checkpoint is written there); --resume continues."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files training did not write."),
 ) -> None:
     from tapestry.errors import TapestryError
     from tapestry.train.config import load_config
@@ -80,7 +81,7 @@ def train_command(
 
     try:
         cfg = load_config(config, list(set_ or []))
-        summary = train(cfg, out, resume=resume, quiet=quiet, stop_after=stop_after)
+        summary = train(cfg, out, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
     except TapestryError as exc:
         raise _error(str(exc)) from None
     if not quiet and summary is not None:
@@ -91,7 +92,8 @@ def train_command(
 @app.command("export", help=EXPORT_HELP)
 def export_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by tapestry train."),
-    out: Path = typer.Option(..., "--out", help="Folder to write (replaced atomically if it exists)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (replaced atomically if an earlier export wrote it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files export did not write."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest complete one)."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="A LoRA run: fold the adapters into the base weights and write one pipeline folder."),
@@ -100,7 +102,8 @@ def export_command(
     from tapestry.train.export import export_checkpoint
 
     try:
-        info = export_checkpoint(run_dir, out, step=step, weights="model" if raw else "ema", merge_lora=merge_lora)
+        info = export_checkpoint(run_dir, out, step=step, weights="model" if raw else "ema", merge_lora=merge_lora,
+                                 overwrite=overwrite)
     except TapestryError as exc:
         raise _error(str(exc)) from None
     print(json.dumps(info))

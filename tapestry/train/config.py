@@ -417,6 +417,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             node = _list_item(node, part, where)
+        elif not isinstance(node, dict):
+            raise TrainConfigError(f"override {assignment!r}: {'.'.join(parts[:depth])} is a value, not a table")
         else:
             if part not in node:
                 node[part] = _default_at(defaults, parts[: depth + 1], where)

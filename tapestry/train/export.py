@@ -45,22 +45,27 @@ def checkpoint_at(run_dir: Path, step: int | None) -> Path:
                                f"{', '.join(p.name for p in found)}")
 
 
+EXPORT_WRITER = "tapestry export"
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
-                      weights: str = "ema", merge_lora: bool = False) -> dict[str, Any]:
+                      weights: str = "ema", merge_lora: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model".
 
     A run whose recipe adds adapters (LoRA) writes an adapter folder (the adapters alone, naming
     `model.init_from` as their base), or with `merge_lora` a pipeline folder of the base with the
-    adapters folded into its weights."""
+    adapters folded into its weights. An OUT holding files an earlier export did not write is
+    refused unless `overwrite`."""
     import torch.distributed.checkpoint as dcp
 
-    from tapestry.atomic import atomic_dir
+    from tapestry.atomic import check_output_dir, output_dir
     from tapestry.models.common.checkpoint import expected_shapes
     from tapestry.models.pipeline_folder import save_adapter_folder, save_pipeline
     from tapestry.train.loop import TOKENIZER_DIR, add_adapters, family_of, layout_for, load_tokenizer, model_config_for
     from tapestry.train.parallel import Dist
 
     run_dir, out = Path(run_dir), Path(out)
+    check_output_dir(out, EXPORT_WRITER, overwrite)
     path = checkpoint_at(run_dir, step)
     config = load_config(path / "config.toml")
     tokenizer = load_tokenizer(config, run_dir, Dist()) if (run_dir / TOKENIZER_DIR).is_dir() or \
@@ -115,7 +120,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
         dtype = next(iter(shapes.values())).dtype
         full = {k: v.to(dtype) for k, v in loaded.items()}
         exported = family.from_state_dict(model_config, full, source=str(path))
-    with atomic_dir(out) as tmp:
+    with output_dir(out, EXPORT_WRITER, overwrite) as tmp:
         if adapters is not None and not merge_lora:
             save_adapter_folder(tmp, family, exported, config.model.arch, config.model.init_from, layout, defaults)
         else:

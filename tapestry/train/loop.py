@@ -384,14 +384,20 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool, d: Dist) -
 
 
 def train(config: TrainConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
-          stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or with `resume`, continue) the run in `run_dir`; returns a small summary."""
+          stop_after: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or with `resume`, continue) the run in `run_dir`; returns a small summary. A
+    `run_dir` holding files training did not write is refused unless `overwrite`."""
+    from tapestry.atomic import claim_output_dir
+
     d = init_distributed(config.parallel)
     try:
         run_dir = Path(run_dir)
         if not resume and d.is_main and ckpt.latest_checkpoint(run_dir) is not None:
             raise TrainError(f"{run_dir} already holds checkpoints; pass --resume to continue that run, "
                              "or choose another --out")
+        if d.is_main:  # a run folder from before output markers resumes too (its names, below)
+            claim_output_dir(run_dir, "tapestry train", overwrite,
+                             legacy=(ckpt.CHECKPOINTS, CONFIG_FILE, "metrics.jsonl", TOKENIZER_DIR, "tensorboard"))
         prepare_run_dir(config, run_dir, resume, d)
         if d.is_main and not quiet:
             print(f"# tapestry train -> {run_dir}\n{dump_toml(config)}", flush=True)

@@ -46,6 +46,131 @@ class Page:
     blocks: list[Block]
     fetch: Callable[[str], bytes | None] = field(repr=False, default=lambda src: None)
     sha256: str = ""
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # boilerplate removed: (kind, detail)
+
+
+# Boilerplate around an article that is not its content: per kind, a pattern for class/id/role
+# tokens of the element that holds it, and one for the heading that titles it. Comment threads
+# are the one that hurts most: a reader's "Step 3 didn't work for me" reads like a step.
+BOILERPLATE: dict[str, tuple[str, str]] = {
+    "comments": (r"comments?|comment-list|commentlist|comment-respond|respond|disqus\w*|discussion|replies",
+                 r"(\d+\s+)?(comments?|responses?|replies|leave a (reply|comment)|post a comment|join the discussion"
+                 r"|discussion|what (do )?you think)"),
+    "share-bar": (r"share|shares|sharing|share-?bar|share-?buttons|social(-share|-links|-icons)?|addthis\w*|sharethis"
+                  r"|sharedaddy|a2a_kit", r"(share( this( post| article| page| recipe)?)?|spread the word)"),
+    "newsletter": (r"newsletter\w*|subscribe\w*|subscription|sign-?up|mailing-?list|opt-?in|optin\w*|mc4wp\w*"
+                   r"|mailchimp\w*", r"subscribe( to .*)?|sign up (for|to) .*|join our (mailing list|newsletter|list)|.*newsletter.*"),
+    "author-bio": (r"author-?(bio|box|info|card|profile|description|about)|about-?(the-?)?author|bio-?box|byline-?bio"
+                   r"|writer-?bio", r"(about the author|about me|written by .*|meet the author)"),
+    "related-posts": (r"related\w*|yarpp\w*|jp-relatedposts|more-?(stories|posts|articles)|you-?may-?also-?like"
+                      r"|also-?like|recommended\w*|read-?next|popular-?posts",
+                      r"(related( posts| articles| stories| reading)?|you (may|might) also (like|enjoy)"
+                      r"|more (from .*|stories|posts|articles)|read next|recommended( for you)?|popular posts)"),
+}
+_KEEP_TAGS = {"html", "body", "main", "article", "head"}
+
+
+def _token_kind(tokens: list[str]) -> str | None:
+    for kind, (token_pattern, _) in BOILERPLATE.items():
+        # a token names the kind alone or as one part of a compound: "newsletter-signup"
+        if any(re.search(rf"(^|-)(?:{token_pattern})(-|$)", t) for t in tokens):
+            return kind
+    return None
+
+
+def _title_kind(text: str) -> str | None:
+    text = re.sub(r"[\s:!.…]+$", "", re.sub(r"\s+", " ", text.strip().lower()))
+    if not text or len(text) > 60:
+        return None
+    for kind, (_, title_pattern) in BOILERPLATE.items():
+        if re.fullmatch(title_pattern, text):
+            return kind
+    return None
+
+
+def strip_boilerplate(html: str) -> tuple[str, list[tuple[str, str]]]:
+    """The page without comment threads, share bars, newsletter boxes, author bios and related
+    posts, and what was removed as (kind, detail). An element is boilerplate when a class, id,
+    role or aria-label token names the kind, or when it opens with a heading that does ("Related
+    posts", "Leave a reply"). An element holding most of the page's text is never removed."""
+    import lxml.html
+    from lxml import etree
+
+    try:
+        root = lxml.html.document_fromstring(html)
+    except (etree.ParserError, ValueError):
+        return html, []
+    total = max(1, len(root.text_content().strip()))
+    dropped: list[tuple[str, str]] = []
+
+    def remove(el, kind: str, why: str) -> None:
+        chars = len(el.text_content().strip())
+        if chars > total // 2:
+            return
+        dropped.append((kind, f"<{el.tag}> {why} ({chars} characters)"))
+        el.drop_tree()
+
+    for el in list(root.iter()):
+        if not isinstance(el.tag, str) or el.tag in _KEEP_TAGS or el.getparent() is None:
+            continue
+        attrs = " ".join(el.get(a, "") for a in ("class", "id", "role", "aria-label"))
+        tokens = [t for t in re.split(r"[\s_]+", attrs.lower()) if t]
+        kind = _token_kind(tokens)
+        if kind is not None and _attached(el, root):
+            remove(el, kind, f"marked {' '.join(tokens)[:80]!r}")
+    for heading in list(root.iter("h2", "h3", "h4", "h5", "h6")):
+        if not _attached(heading, root):
+            continue
+        kind = _title_kind(heading.text_content())
+        if kind is None:
+            continue
+        parent = heading.getparent()
+        first_child = next((c for c in parent if isinstance(c.tag, str)), None)
+        if parent.tag not in _KEEP_TAGS and first_child is heading:
+            remove(parent, kind, f"titled {heading.text_content().strip()[:60]!r}")
+            continue
+        # the heading and what follows it, up to the next heading of the same or a higher level
+        level = int(heading.tag[1])
+        section = [heading]
+        for sibling in heading.itersiblings():
+            if isinstance(sibling.tag, str) and re.fullmatch(r"h[1-6]", sibling.tag) and int(sibling.tag[1]) <= level:
+                break
+            section.append(sibling)
+        chars = sum(len(e.text_content().strip()) for e in section if isinstance(e.tag, str))
+        if chars > total // 2:
+            continue
+        dropped.append((kind, f"<{heading.tag}> section titled {heading.text_content().strip()[:60]!r} "
+                              f"({chars} characters)"))
+        for e in section:
+            e.drop_tree()
+    if not dropped:
+        return html, []
+    return lxml.html.tostring(root, encoding="unicode"), dropped
+
+
+def _attached(el, root) -> bool:
+    while el is not None:
+        if el is root:
+            return True
+        el = el.getparent()
+    return False
+
+
+def drop_boilerplate_blocks(blocks: list[Block]) -> tuple[list[Block], list[tuple[str, str]]]:
+    """Markdown pages: a heading that titles boilerplate ("Comments", "Related posts") drops
+    itself and the blocks up to the next heading."""
+    kept: list[Block] = []
+    dropped: list[tuple[str, str]] = []
+    skipping: str | None = None
+    for block in blocks:
+        if block.kind == "heading":
+            skipping = _title_kind(block.text)
+            if skipping is not None:
+                dropped.append((skipping, f"section titled {block.text[:60]!r}"))
+                continue
+        if skipping is None:
+            kept.append(block)
+    return kept, dropped
 
 
 def markdown_blocks(markdown: str) -> list[Block]:
@@ -125,7 +250,7 @@ class Extract:
     """Main-content extraction of HTML (trafilatura) and page reading."""
 
     name: ClassVar[str] = "extract"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: boilerplate (comments, share bars, ...) removed and logged
 
     favor_recall: bool = True  # how-to pages: keep short step paragraphs trafilatura may judge thin
     min_text_chars: int = 80  # less main text than this: not a page worth keeping
@@ -136,14 +261,16 @@ class Extract:
     def html_page(self, name: str, url: str, html: str, fetch: Callable[[str], bytes | None], sha: str) -> Page:
         import trafilatura
 
-        markdown = trafilatura.extract(html, output_format="markdown", include_images=True, include_links=False,
-                                       include_tables=False, favor_recall=self.favor_recall, url=url or None) or ""
         metadata = trafilatura.extract_metadata(html)
+        html, dropped = strip_boilerplate(html)
+        markdown = trafilatura.extract(html, output_format="markdown", include_images=True, include_links=False,
+                                       include_tables=False, include_comments=False, favor_recall=self.favor_recall,
+                                       url=url or None) or ""
         title = (metadata.title if metadata is not None and metadata.title else "") or ""
-        blocks = markdown_blocks(markdown)
+        blocks, more = drop_boilerplate_blocks(markdown_blocks(markdown))
         if not title:
             title = next((b.text for b in blocks if b.kind == "heading"), "")
-        return Page(name, url, title.strip(), blocks, fetch, sha)
+        return Page(name, url, title.strip(), blocks, fetch, sha, dropped + more)
 
     def read(self, path: str) -> Iterator[Page]:
         """The pages of one input file; `Rejected` when the file cannot be read at all."""
@@ -166,9 +293,9 @@ class Extract:
         fetch = local_fetcher(Path(path).parent, self.max_image_bytes)
         name = Path(path).stem
         if lower.endswith((".md", ".markdown")):
-            blocks = markdown_blocks(text)
+            blocks, dropped = drop_boilerplate_blocks(markdown_blocks(text))
             title = next((b.text for b in blocks if b.kind == "heading"), "")
-            yield Page(name, "", title, blocks, fetch, sha)
+            yield Page(name, "", title, blocks, fetch, sha, dropped)
         else:
             yield self.html_page(name, "", text, fetch, sha)
 

@@ -155,6 +155,8 @@ class WebHowto:
     def document(self, page: Page, record: str, item: InputItem, provider: Any, stats: StageStats,
                  rejections: list[Rejection]) -> Document:
         c = self.config
+        for kind, detail in page.dropped:  # not content: logged with the reason, never a step
+            rejections.append(Rejection("extract", f"boilerplate-{kind}", detail, record))
         text_chars = sum(len(b.text) for b in page.blocks if b.kind != "image")
         stats.count("extract", seen=1)
         if text_chars < c.extract.min_text_chars:

@@ -41,21 +41,89 @@ class TensorInfo:
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
     """Tensor names, dtypes and shapes of a .safetensors file, reading only its JSON header."""
     path = Path(path)
+    fix = "the file is truncated or corrupt; copy or export the checkpoint again"
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file")
+                raise CheckpointError(f"{path}: cannot read: too short to be a safetensors file; {fix}")
             (size,) = struct.unpack("<Q", raw)
             if size > _MAX_HEADER:
-                raise CheckpointError(f"{path}: header length {size} is implausible; the file is corrupt")
-            header = json.loads(f.read(size))
+                raise CheckpointError(f"{path}: cannot read: header length {size} is implausible; {fix}")
+            body = f.read(size)
+            if len(body) < size:
+                raise CheckpointError(f"{path}: cannot read: the header is cut short ({len(body)} of {size} bytes); {fix}")
+            header = json.loads(body)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a safetensors file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
+        raise CheckpointError(f"{path}: cannot read: header is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; {fix}")
     header.pop("__metadata__", None)
-    return {k: TensorInfo(v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    out = {}
+    for key, value in header.items():
+        try:
+            dtype, shape = value["dtype"], value["shape"]
+            if not isinstance(dtype, str) or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise TypeError
+            out[key] = TensorInfo(dtype, tuple(shape))
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{path}: header entry {key!r} has no valid dtype and shape; {fix}") from None
+    return out
+
+
+_DAMAGED = "the file is truncated or corrupt: copy or export the checkpoint again"
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file. A missing, truncated or corrupt file ends in one
+    CheckpointError naming the file and the fix, never in safetensors' own exception."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    read_header(path)  # the clear errors for a missing file or a damaged header
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the tensors ({exc}); {_DAMAGED}") from None
+
+
+def open_safetensors(path: str | Path, device: str = "cpu"):
+    """`safetensors.safe_open` (tensors read one at a time) with the errors of `load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    read_header(path)
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: cannot read the tensors ({exc}); {_DAMAGED}") from None
+
+
+def read_json_file(path: str | Path, what: str = "a JSON file") -> dict:
+    """A JSON object from `path` (a config, a pipeline record), or one CheckpointError naming the
+    file, what it should be, and where the JSON breaks."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing ({what})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text ({what}); the file is corrupt") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                              f"it should be {what}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({what}), found {type(data).__name__}")
+    return data
 
 
 @dataclass
@@ -145,3 +213,4 @@ def checkpoint_files(folder: str | Path) -> tuple[Path, Path]:
                 f"{WEIGHTS_NAME} (for a BAGEL-layout folder use tapestry.models.mot.convert.load_bagel)"
             )
     return config, weights
+

@@ -312,9 +312,11 @@ class DuetConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> DuetConfig:
+        from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DuetConfigError(f"{path}: cannot read a duet config ({exc})") from None
+            data = read_json_file(path, "a duet model config")
+        except CheckpointError as exc:
+            raise DuetConfigError(str(exc)) from None
         return cls.from_dict(data, str(path))

@@ -211,8 +211,7 @@ class DuetModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> DuetModel:
-        from safetensors.torch import load_file
-
+        from tapestry.models.common.checkpoint import load_safetensors
         from tapestry.models.duet.config import DuetConfigError
 
         folder = Path(folder)
@@ -221,7 +220,7 @@ class DuetModel(nn.Module):
         if not weights.is_file():
             raise DuetConfigError(f"{folder}: no {WEIGHTS_NAME} beside config.json")
         model = cls(config, load_pretrained=False)  # every weight, the VAE's too, is in the file
-        state = load_file(str(weights))
+        state = load_safetensors(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise DuetConfigError(f"{weights}: {len(missing)} missing key(s) (e.g. {missing[:3]}), "

@@ -246,11 +246,13 @@ class MMIConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> MMIConfig:
+        from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read as JSON ({exc})") from None
+            data = read_json_file(path, "an mmi model config")
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
         return cls.from_dict(data, str(path))
 
 

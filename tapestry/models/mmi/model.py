@@ -402,17 +402,11 @@ class MMIModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "MMIModel":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from tapestry.models.common.checkpoint import CheckpointError, checkpoint_files
+        from tapestry.models.common.checkpoint import checkpoint_files, load_safetensors
 
         config_path, weights_path = checkpoint_files(folder)
         config = MMIConfig.load(config_path)
-        try:
-            state = load_file(str(weights_path), device=str(device))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{weights_path}: cannot read ({exc})") from None
+        state = load_safetensors(weights_path, device=str(device))
         return cls.from_state_dict(config, state, str(weights_path)).to(device).eval()
 
     @classmethod

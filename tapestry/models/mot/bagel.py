@@ -136,27 +136,32 @@ def load_bagel_parts(folder: str | Path, device: str = "cpu", dtype: torch.dtype
 # ---------------------------------------------------------------------------------------------
 
 
+CONVERT_WRITER = "tapestry convert"
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} already holds files; choose another --out or pass --overwrite")
+    """The output-folder rule (tapestry.atomic): refuse a folder holding files convert did not write."""
+    from tapestry.atomic import check_output_dir
+
+    check_output_dir(out, CONVERT_WRITER, overwrite, flag="OUT")
 
 
 def bagel_to_pipeline(folder: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """A tapestry pipeline folder from a BAGEL-layout one. Tensors keep their dtype and bits; the
     release's JSON and tokenizer files and its stored sin-cos tables are kept in the folder so
     `pipeline_to_bagel` gives the release back."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tapestry.atomic import atomic_dir
+    from tapestry.atomic import output_dir
+    from tapestry.models.common.checkpoint import open_safetensors
     from tapestry.models.pipeline_folder import save_pipeline
 
     folder, out = Path(folder), Path(out)
     _check_out(out, overwrite)
     parts = load_bagel_parts(folder)
-    with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+    with open_safetensors(folder / WEIGHTS) as f:
         tables = {k: f.get_tensor(k) for k in FIXED_TABLES if k in f.keys()}
-    with atomic_dir(out) as tmp:
+    with output_dir(out, CONVERT_WRITER, overwrite, flag="OUT") as tmp:
         save_pipeline(tmp, parts.model, parts.tokenizer, parts.vae, parts.layout, parts.defaults)
         source = tmp / SOURCE_DIR
         source.mkdir()
@@ -189,11 +194,10 @@ def _bagel_vit_config(cfg: MoTConfig) -> dict[str, Any]:
 def pipeline_to_bagel(pipeline: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """The released layout from a tapestry pipeline folder (one `bagel_to_pipeline` wrote, or one
     `tapestry export` wrote for a model with a ViT, a latent path and a FLUX-style VAE)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from tapestry.atomic import atomic_dir
-    from tapestry.models.common.checkpoint import WEIGHTS_NAME
+    from tapestry.atomic import output_dir
+    from tapestry.models.common.checkpoint import WEIGHTS_NAME, load_safetensors, open_safetensors, read_json_file
     from tapestry.models.common.sincos import sincos_2d
     from tapestry.models.common.tokenizer import TextTokenizer
     from tapestry.models.vae.flux import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, diffusers_to_flux_key
@@ -208,7 +212,7 @@ def pipeline_to_bagel(pipeline: str | Path, out: str | Path, overwrite: bool = F
     if not (vae_dir / DIFFUSERS_WEIGHTS).is_file():
         raise CheckpointError(f"{vae_dir}: no {DIFFUSERS_WEIGHTS}; only a FLUX-style (diffusers) autoencoder "
                               "has a BAGEL-layout ae.safetensors")
-    state = load_file(str(pipeline / WEIGHTS_NAME))
+    state = load_safetensors(pipeline / WEIGHTS_NAME)
     ema = {}
     for key, tensor in state.items():
         name = tapestry_to_bagel_key(key)
@@ -218,15 +222,15 @@ def pipeline_to_bagel(pipeline: str | Path, out: str | Path, overwrite: bool = F
     dtype = state["embed_tokens.weight"].dtype
     stored = {}
     if (pipeline / TABLES_FILE).is_file():
-        with safe_open(str(pipeline / TABLES_FILE), framework="pt") as f:
+        with open_safetensors(pipeline / TABLES_FILE) as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     sides = {"latent_pos_embed.pos_embed": cfg.latent.max_side, "vit_pos_embed.pos_embed": cfg.vit.max_patches_per_side}
     for key, side in sides.items():
         ema[key] = stored.get(key, sincos_2d(cfg.llm.hidden_size, side).to(dtype))
-    vae_config = json.loads((vae_dir / DIFFUSERS_CONFIG).read_text(encoding="utf-8"))
+    vae_config = read_json_file(vae_dir / DIFFUSERS_CONFIG, "a diffusers autoencoder config")
     levels = len(vae_config["block_out_channels"])
     ae = {}
-    for key, tensor in load_file(str(vae_dir / DIFFUSERS_WEIGHTS)).items():
+    for key, tensor in load_safetensors(vae_dir / DIFFUSERS_WEIGHTS).items():
         name = diffusers_to_flux_key(key, levels)
         if name is None:
             raise CheckpointError(f"{vae_dir / DIFFUSERS_WEIGHTS}: {key} has no FLUX-layout name")
@@ -234,7 +238,7 @@ def pipeline_to_bagel(pipeline: str | Path, out: str | Path, overwrite: bool = F
             tensor = tensor[:, :, None, None]
         ae[name] = tensor.contiguous()
     source = pipeline / SOURCE_DIR
-    with atomic_dir(out) as tmp:
+    with output_dir(out, CONVERT_WRITER, overwrite, flag="OUT") as tmp:
         save_file(ema, str(tmp / WEIGHTS))
         save_file(ae, str(tmp / VAE_WEIGHTS))
         if source.is_dir():

@@ -160,5 +160,11 @@ class MoTConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> MoTConfig:
+        from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+
         path = Path(path)
-        return cls.from_json(path.read_text(encoding="utf-8"), where=str(path))
+        try:
+            data = read_json_file(path, "a mot model config")
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls.from_dict(data, str(path))

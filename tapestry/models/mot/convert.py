@@ -286,8 +286,7 @@ def load_bagel(folder: str | Path, dtype: torch.dtype | None = None, device: tor
     """Load a BAGEL-layout folder into a MoTModel. Every key of `ema.safetensors` must be used and
     every model tensor found; the fixed sin-cos tables must equal ours (else the conventions
     differ and generation would be silently wrong)."""
-    from safetensors import safe_open
-
+    from tapestry.models.common.checkpoint import open_safetensors
     from tapestry.models.mot.model import MoTModel
 
     folder = Path(folder)
@@ -299,7 +298,7 @@ def load_bagel(folder: str | Path, dtype: torch.dtype | None = None, device: tor
         raise CheckpointError(f"{weights} does not fit a BAGEL-layout MoT model:\n{report.describe()}")
 
     state = {}
-    with safe_open(str(weights), framework="pt", device=str(device)) as f:
+    with open_safetensors(weights, device) as f:
         for key in f.keys():
             tensor = f.get_tensor(key)
             if key in FIXED_TABLES:

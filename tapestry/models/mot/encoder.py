@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from safetensors.torch import load_file, save_file
+from tapestry.models.common.checkpoint import load_safetensors, read_json_file
 from tapestry.models.mot.config import ViTConfig
 from tapestry.models.mot.model import NaViT, grid_position_ids, patchify
 
@@ -180,12 +181,12 @@ def load_pretrained_vit(model: nn.Module, folder: str | Path) -> None:
     file = folder / "vit.safetensors"
     if not file.is_file():
         raise TapestryError(f"{file}: no pretrained encoder here; make one with `tapestry vit pretrain --out {folder}`")
-    report = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    report = read_json_file(folder / "encoder.json", "the record `tapestry vit pretrain` writes beside vit.safetensors")
     # pos_scale acts after the connector, outside the encoder's weights
     trained = {k: v for k, v in report["vit"].items() if k != "pos_scale"}
     wanted = {k: v for k, v in asdict(model.config.vit).items() if k != "pos_scale"}
     if trained != wanted:
         raise TapestryError(f"{folder}/encoder.json: encoder was trained as vit={trained}, the model has vit={wanted}")
-    state = {k.removeprefix("vit."): v for k, v in load_file(str(file)).items()}
+    state = {k.removeprefix("vit."): v for k, v in load_safetensors(file).items()}
     with torch.no_grad():
         model.vit.load_state_dict(state, strict=True)

@@ -135,11 +135,12 @@ def read_spec(folder: str | Path) -> LoraSpec:
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraSpec:
     """Add the adapters saved in `folder` to a base model (refusing any key that does not fit)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+
+    from tapestry.models.common.checkpoint import load_safetensors
 
     spec = read_spec(folder)
     add_lora(model, spec)
-    state = load_file(str(Path(folder) / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device))
+    state = load_safetensors(Path(folder) / ADAPTER_WEIGHTS, device=str(next(model.parameters()).device))
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]

@@ -494,11 +494,11 @@ class MoTModel(nn.Module):
     ) -> MoTModel:
         """Rebuild from a folder written by `save_pretrained`; tensors keep their stored dtype
         unless `dtype` is given. Missing, unexpected or misshapen keys are refused with a list."""
-        from safetensors.torch import load_file
+        from tapestry.models.common.checkpoint import load_safetensors
 
         config_path, weights_path = checkpoint_files(folder)
         config = MoTConfig.load(config_path)
-        state = load_file(str(weights_path), device=str(device))
+        state = load_safetensors(weights_path, device=str(device))
         return cls.from_state_dict(config, state, source=str(weights_path), dtype=dtype, device=device)
 
     @classmethod

@@ -316,14 +316,15 @@ class DiffusersAutoencoder(nn.Module):
             raise VAEError(f"latents must be [B, {self.latent_channels}, h, w], got {list(latents.shape)}")
         return self.vae.decode(latents / self.scale_factor + self.shift_factor).sample
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
         """A diffusers-layout folder (`config.json` + `diffusion_pytorch_model.safetensors`), which
-        `load_flux_autoencoder` reads back with the same scale and shift."""
-        from tapestry.atomic import atomic_dir
+        `load_flux_autoencoder` reads back with the same scale and shift. A folder holding files
+        this method did not write is refused unless `overwrite`."""
+        from tapestry.atomic import output_dir
 
         folder = Path(folder)
         self.vae.register_to_config(scaling_factor=self.scale_factor, shift_factor=self.shift_factor)
-        with atomic_dir(folder) as tmp:
+        with output_dir(folder, "FluxAutoencoder.save_pretrained", overwrite, flag="folder") as tmp:
             self.vae.save_pretrained(str(tmp), safe_serialization=True)
         return folder
 
@@ -346,8 +347,7 @@ def load_flux_file(path: str | Path, params: FluxAEParams | None = None, device:
     """Load a BFL-layout `ae.safetensors`. Settings: `params`, else `ae_params.json` beside the
     file, else the FLUX.1 release defaults. Any missing, unexpected or misshapen key is refused.
     Tensors are cast to `dtype` (float32: a bf16 export then still takes float32 images)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from tapestry.models.common.checkpoint import CheckpointError, load_safetensors
 
     path = Path(path)
     if not path.is_file():
@@ -357,9 +357,9 @@ def load_flux_file(path: str | Path, params: FluxAEParams | None = None, device:
         params = FluxAEParams.load(side) if side.is_file() else FluxAEParams()
     params.validate()
     try:
-        state = load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as exc:  # truncated or corrupt file
-        raise VAEError(f"{path}: cannot read as safetensors ({exc})") from None
+        state = load_safetensors(path, device=str(device))
+    except CheckpointError as exc:
+        raise VAEError(str(exc)) from None
     AutoencoderKL = _autoencoder_kl()
     with torch.device("meta"):  # shapes only: the weights come from the file, no random init
         vae = AutoencoderKL(**params.diffusers_config())

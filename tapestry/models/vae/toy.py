@@ -12,8 +12,9 @@ numbers measured on held-out scenes after training, so the flow model sees rough
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,16 @@ class ToyAEConfig:
             raise VAEError(f"{where}: format is {fmt!r}, expected {FORMAT!r} (is this a toy AE checkpoint?)")
         if version != FORMAT_VERSION:
             raise VAEError(f"{where}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise VAEError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-        try:
-            cfg = cls(**data)
-        except TypeError as exc:
-            raise VAEError(f"{where}: {exc}") from None
+        from tapestry.models.common.config import section_from_dict
+
+        levels = {}
+        for name in ("channels", "encoder_blocks", "decoder_blocks"):  # tuples of any length
+            if name in data:
+                value = data.pop(name)
+                if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                    raise VAEError(f"{where}.{name}: expected a list of integers, found {json.dumps(value)[:60]}")
+                levels[name] = tuple(value)
+        cfg = dataclasses.replace(section_from_dict(cls, data, where, VAEError), **levels)
         try:
             return cfg.validate()
         except VAEError as exc:
@@ -117,11 +120,13 @@ class ToyAEConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ToyAEConfig:
+        from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise VAEError(f"{path}: not valid JSON ({exc})") from None
+            data = read_json_file(path, "a toy autoencoder config")
+        except CheckpointError as exc:
+            raise VAEError(str(exc)) from None
         return cls.from_dict(data, where=str(path))
 
 
@@ -254,15 +259,11 @@ class ToyAutoencoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> ToyAutoencoder:
         """Rebuild from a folder written by `save_pretrained`; refuses any key or shape mismatch."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from tapestry.models.common.checkpoint import load_safetensors
 
         config_path, weights_path = checkpoint_files(folder)
         config = ToyAEConfig.load(config_path)
-        try:
-            state = load_file(str(weights_path), device=str(device))
-        except (SafetensorError, OSError) as exc:  # truncated or corrupt file
-            raise CheckpointError(f"{weights_path}: cannot read ({exc})") from None
+        state = load_safetensors(weights_path, device=str(device))
         with torch.device("meta"):
             model = cls(config)
         load_state_strict(model, state, str(weights_path))
