@@ -144,7 +144,9 @@ def test_merged_export_equals_the_adapter_model(bagel, lora_run, tmp_path):
     result = runner.invoke(app, ["export", run, "--out", str(alone)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["adapters"] == "alone"
-    assert sorted(p.name for p in alone.iterdir()) == [
+    from tapestry.atomic import OUTPUT_MARKER
+
+    assert sorted(p.name for p in alone.iterdir() if p.name != OUTPUT_MARKER) == [
         "adapter.json", "adapter_config.json", "adapter_model.safetensors", "export.json", "train_config.toml"]
     result = runner.invoke(app, ["export", run, "--out", str(merged), "--merge-lora"])
     assert result.exit_code == 0, result.output
