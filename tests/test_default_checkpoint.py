@@ -62,3 +62,14 @@ def test_the_default_loads_for_inference_without_autograd(pipe):
     runtime = pipe.engine.runtime
     assert not any(p.requires_grad for p in runtime.model.parameters())
     assert not any(p.requires_grad for p in runtime.codec.parameters())
+
+
+def test_default_guidance_is_the_one_chosen_on_val_and_another_rule_drops_its_scales():
+    pipe = Pipeline.from_pretrained("default")
+    assert pipe.options().guidance == "cfg" and pipe.options().guidance_scales == {"scale": 4.5}
+    assert pipe.options(guidance="cfg").guidance_scales == {"scale": 4.5}
+    # cfg's `scale` means nothing to inset: another rule without scales gets its paper defaults
+    inset = pipe.options(guidance="inset")
+    assert inset.guidance == "inset" and inset.guidance_scales == {}
+    assert pipe.options(guidance="inset", guidance_scales={"s1": 2.0}).guidance_scales == {"s1": 2.0}
+    assert pipe.options(guidance="none").guidance_scales == {}

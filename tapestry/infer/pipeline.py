@@ -53,6 +53,10 @@ class Pipeline:
 
     def options(self, **overrides) -> GenerationOptions:
         fields = {k: v for k, v in overrides.items() if v is not None}
+        if "guidance" in fields and "guidance_scales" not in fields and fields["guidance"] != self.defaults.guidance:
+            # the checkpoint's scales belong to its own rule (cfg's `scale` means nothing to inset):
+            # another rule without scales takes that rule's paper defaults
+            fields["guidance_scales"] = {}
         return dataclasses.replace(self.defaults, **fields).check()
 
     def document(self, doc_or_markup: Document | str, images=None, doc_id: str = "prompt") -> Document:
