@@ -241,8 +241,11 @@ def test_rerun_resumes_and_cli_prints_json(site, tmp_path):
 @pytest.mark.slow
 def test_local_and_ray_executors_write_identical_shards(site, tmp_path):
     pytest.importorskip("ray")
-    (tmp_path / "empty.html").write_text("")  # an input that fails: both logs must say so alike
-    inputs = [str(site), str(tmp_path / "empty.html")]
+    # an input that fails (a symlink loop exists but cannot be opened, root included): both
+    # executors must log it alike and exit 1
+    loop = tmp_path / "loop.html"
+    loop.symlink_to(loop)
+    inputs = [str(site), str(loop)]
     local = run(inputs, options(tmp_path / "local", workers=2, shard_size=2))
     remote = run(inputs, options(tmp_path / "ray", workers=2, shard_size=2, executor="ray"))
     assert local["shards"] == remote["shards"] and len(local["shards"]) >= 2

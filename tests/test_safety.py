@@ -287,9 +287,13 @@ def test_toyworld_judge_prints_problem_lines_not_dict_reprs(tmp_path):
     assert result.exit_code == 1
     problems = [line for line in result.output.splitlines() if line.startswith("✗")]
     assert problems and all("{" not in line and "'source'" not in line for line in problems), result.output
-    assert problems[0].startswith(f"✗ {bad}: ")
+    # SOURCE: sample 'ID': FIELD: reason, the source named once
+    assert problems == [f"✗ {bad}: sample 'x': segments[0].src: a context image needs 'src' (a path relative to "
+                        "the document) or in-memory pixels"], problems
     machine = runner.invoke(app, ["toyworld", "judge", str(bad), "--json"])
-    assert json.loads(machine.output)["invalid"][0]["source"].startswith(str(bad))
+    assert json.loads(machine.output)["invalid"] == [
+        {"source": str(bad), "id": "x",
+         "reason": "segments[0].src: a context image needs 'src' (a path relative to the document) or in-memory pixels"}]
 
 
 def test_generate_help_shows_the_slots_of_its_example():
@@ -322,3 +326,34 @@ def test_no_help_text_loses_brackets_to_rich_markup():
         shown = runner.invoke(app, path + ["--help"], env={"COLUMNS": "250"}).output
         missing = [w for w in wanted if w not in shown.replace("\n", " ")]
         assert not missing, (path, missing)
+
+
+@pytest.mark.parametrize("family", ["mot", "duet", "mmi"])
+def test_a_mistyped_model_config_is_one_error_naming_the_field(family, tmp_path):
+    """Each family's config.json is read section by section, field by field: a wrong type (a
+    float for a size, a word in a list of integers) names its field, never a TypeError."""
+    from tapestry.errors import TapestryError
+    from tapestry.models import family as families
+
+    fam = families.get(family)
+    good = fam.model_config(fam.recipe(), 512, 4).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(good))
+    fam.load_config(tmp_path)  # the unmodified record loads
+    section = {"mot": "llm", "duet": "mllm", "mmi": "llm"}[family]
+    cases = [((section, "hidden_size"), 1.5, f"{section}.hidden_size: expected an integer, found 1.5")]
+    if family == "duet":  # found by benchmarks/fuzz.py: a float target_size was a TypeError
+        cases += [(("target_size",), 1.5, "target_size: expected [height, width] (two integers), found 1.5"),
+                  (("mllm", "mrope_section"), [2, "x", 3], "mllm.mrope_section: expected a list of integers")]
+    if family == "mmi":
+        cases += [(("use_mmfs",), "yes", "use_mmfs: expected true or false, found \"yes\""),
+                  (("vision", "levels"), [2, 3.5], "vision.levels: expected a list of integers")]
+    for path, value, message in cases:
+        record = json.loads(json.dumps(good))
+        node = record
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        (tmp_path / "config.json").write_text(json.dumps(record))
+        with pytest.raises(TapestryError) as info:
+            fam.load_config(tmp_path)
+        assert str(info.value).startswith(f"{tmp_path / 'config.json'}") and message in str(info.value), str(info.value)

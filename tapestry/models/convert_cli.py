@@ -68,7 +68,7 @@ def convert_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Headers only: key coverage, shapes and dtypes; writes nothing."),
     keys: int = typer.Option(0, "--keys", help="With --dry-run: also list the first N keys with their mapping."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that already holds files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT even if it holds files convert did not write (its own earlier output is replaced without it)."),
 ) -> None:
     """Convert between BAGEL's released layout and a tapestry pipeline folder (bitwise both ways).
 

@@ -124,23 +124,45 @@ def save_adapter_folder(folder: str | os.PathLike, family, model, recipe, base: 
 
 
 def _read_record(where: Path, fmt: str) -> dict[str, Any]:
-    try:
-        record = json.loads(where.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TapestryError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != fmt:
-        raise TapestryError(f"{where}: not a tapestry {fmt.split('.')[-1]} file (format "
-                            f"{record.get('format') if isinstance(record, dict) else None!r}, expected {fmt!r})")
+    from tapestry.models.common.checkpoint import CheckpointError, read_json_file
+
+    record = read_json_file(where, f"a {fmt} record (tapestry export writes it)")
+    if record.get("format") != fmt:
+        raise CheckpointError(f"{where}: not a tapestry {fmt.split('.')[-1]} file (format "
+                              f"{record.get('format')!r}, expected {fmt!r})")
     return record
 
 
+# Every layout field must be in the record (a missing one would silently take a default the
+# model was not trained with), except those added after pipelines were first written: a record
+# without them was written before they existed and means their defaults.
+LAYOUT_ADDED_LATER = ("text_turns",)
+
+
 def _layout_of(record: dict[str, Any], where: Path) -> LayoutConfig:
-    try:
-        fields = dict(record["layout"])
-        fields["target_size"] = tuple(fields["target_size"])
-        return LayoutConfig(**fields)
-    except (KeyError, TypeError, ValueError) as e:
-        raise TapestryError(f"{where}: invalid layout: {e}") from None
+    """The `layout` of a pipeline.json / adapter.json, field by field (CheckpointError naming it)."""
+    from tapestry.models.common.checkpoint import CheckpointError
+    from tapestry.models.common.config import section_from_dict
+
+    required = [f.name for f in dataclasses.fields(LayoutConfig) if f.name not in LAYOUT_ADDED_LATER]
+    layout = section_from_dict(LayoutConfig, record.get("layout"), f"{where}: layout", CheckpointError,
+                               required=required, fix="write the checkpoint again (tapestry export)")
+    for name, value in dataclasses.asdict(layout).items():
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in numbers):
+            raise CheckpointError(f"{where}: layout.{name}: must be at least 1, got {value}")
+    if layout.text_loss not in ("targets", "all"):
+        raise CheckpointError(f"{where}: layout.text_loss: expected 'targets' or 'all', got {layout.text_loss!r}")
+    return layout
+
+
+def _generation_of(record: dict[str, Any], where: Path) -> dict[str, Any]:
+    from tapestry.models.common.checkpoint import CheckpointError
+
+    generation = record.get("generation", {})
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{where}: generation: expected an object, got {type(generation).__name__}")
+    return dict(generation)
 
 
 def _adapter_base(folder: Path) -> Path:
@@ -163,41 +185,20 @@ class PipelineParts:
     folder: Path
 
 
-# Every layout field must be in pipeline.json (a missing one would silently take a default the
-# model was not trained with), except those added after pipelines were first written: a record
-# without them was written before they existed and means their defaults.
-LAYOUT_ADDED_LATER = ("text_turns",)
-
-
 def read_pipeline_record(folder: str | os.PathLike) -> tuple[dict[str, Any], str, LayoutConfig, dict[str, Any]]:
     """`pipeline.json` of a pipeline folder, checked field by field before any weights are read:
     (record, family name, layout, generation defaults as stored). A bad record is one
     CheckpointError naming the file and the field (`pipeline.json: layout.target_size: missing`)."""
     from tapestry.models import family as families
-    from tapestry.models.common.checkpoint import CheckpointError, read_json_file
-    from tapestry.models.common.config import section_from_dict
+    from tapestry.models.common.checkpoint import CheckpointError
 
     where = Path(folder) / PIPELINE_FILE
-    record = read_json_file(where, "a tapestry pipeline record (tapestry export writes it)")
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not a tapestry pipeline (format {record.get('format')!r})")
+    record = _read_record(where, FORMAT)
     try:
         family = families.family_name(record, str(where))
     except families.FamilyError as e:
         raise CheckpointError(str(e)) from None
-    required = [f.name for f in dataclasses.fields(LayoutConfig) if f.name not in LAYOUT_ADDED_LATER]
-    layout = section_from_dict(LayoutConfig, record.get("layout"), f"{where}: layout", CheckpointError,
-                               required=required, fix="write the checkpoint again (tapestry export)")
-    for name, value in dataclasses.asdict(layout).items():
-        numbers = value if isinstance(value, (tuple, list)) else [value]
-        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in numbers):
-            raise CheckpointError(f"{where}: layout.{name}: must be at least 1, got {value}")
-    if layout.text_loss not in ("targets", "all"):
-        raise CheckpointError(f"{where}: layout.text_loss: expected 'targets' or 'all', got {layout.text_loss!r}")
-    generation = record.get("generation", {})
-    if not isinstance(generation, dict):
-        raise CheckpointError(f"{where}: generation: expected an object, got {type(generation).__name__}")
-    return record, family, layout, dict(generation)
+    return record, family, _layout_of(record, where), _generation_of(record, where)
 
 
 def load_pipeline(folder: str | os.PathLike, device: str = "cpu") -> PipelineParts:
@@ -248,5 +249,5 @@ def _load_adapter_folder(folder: Path, device: str) -> PipelineParts:
         raise TapestryError(f"{where}: adapters of family {family.name!r} on a {base.family.name!r} base model")
     family.load_adapters(base.model, folder)
     base.model.eval().requires_grad_(False)
-    generation = {**base.generation, **dict(record.get("generation", {}))}
+    generation = {**base.generation, **_generation_of(record, where)}
     return PipelineParts(family, base.model, base.tokenizer, base.codec, _layout_of(record, where), generation, folder)

@@ -38,7 +38,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and report.json (replaced atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and report.json (replaced atomically if an earlier vae train wrote it)."),
     steps: int = typer.Option(4000, help="Optimizer steps."),
     resolution: int = typer.Option(64, help="Image side in pixels (a multiple of 4)."),
     latent_channels: int = typer.Option(8, "--latent-channels", help="Channels of the ×4 latent grid (more: sharper reconstructions, wider generation tokens)."),

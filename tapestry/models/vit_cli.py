@@ -39,7 +39,7 @@ def pretrain(
     val: int = typer.Option(1000, help="Held-out references for the accuracy report."),
     seed: int = typer.Option(0, help="Seeds the weights and the rendered references."),
     threads: int = typer.Option(2, help="torch CPU threads."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds other files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files this command did not write (nothing there is deleted)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; still prints the report."),
 ) -> None:
     """Train the config's ViT to name the shape, colour, pattern, size and cell of one-entity

@@ -44,7 +44,7 @@ def sample(
     seed: int = typer.Option(0, help="Train stream number (val and test are fixed sets: keep 0)."),
     start: int = typer.Option(0, help="Index of the first document in the split."),
     side: int = typer.Option(64, help="Image side in pixels (any size from 16 to 1024)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced atomically): one Document folder each, or shards."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced atomically if an earlier sample wrote it): one Document folder each, or shards."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files this command did not write."),
     shard: bool = typer.Option(False, "--shard", help="Write one webdataset shard <task>.tar instead of folders."),
     grid: Path | None = typer.Option(None, help="Also write a PNG contact sheet of the documents here."),
@@ -103,7 +103,7 @@ def sample(
 
 @app.command()
 def bench(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the benchmark (replaced atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the benchmark (replaced atomically if an earlier bench wrote it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it holds files this command did not write."),
     compose: int = typer.Option(100, help="Compose scenes (each written in both layouts)."),
     story: int = typer.Option(100, help="Story documents."),
@@ -222,7 +222,7 @@ def _judge_paths(paths: list[Path], expected_path: Path | None, seed: int, quiet
                 progress.advance(bar)
                 doc = loaded.document
                 if doc is None:
-                    invalid.append({"source": loaded.source, "reason": "; ".join(str(p) for p in loaded.problems)})
+                    invalid.extend(_problem_item(p) for p in loaded.problems)
                     continue
                 reference = doc
                 if expected_path is not None:
@@ -276,6 +276,16 @@ def _emit(report: dict, json_output: bool, out: Path | None) -> None:
     if report["missing"]:
         shown = ", ".join(report["missing"][:10]) + (" ..." if len(report["missing"]) > 10 else "")
         err.print(f"[red]✗[/] {len(report['missing'])} expected document(s) have no prediction: {escape(shown)}")
+
+
+def _problem_item(problem) -> dict:
+    """A loader's Problem as {source, id, reason}: the reason keeps the segment and field."""
+    prefix = problem.source + (f": sample {problem.sample_id!r}" if problem.sample_id is not None else "") + ": "
+    full = str(problem)
+    item = {"source": problem.source, "reason": full[len(prefix):] if full.startswith(prefix) else problem.reason}
+    if problem.sample_id is not None:
+        item["id"] = problem.sample_id
+    return item
 
 
 def problem_line(item: dict) -> str:

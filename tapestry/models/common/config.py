@@ -4,8 +4,8 @@ The one reader of the JSON objects a checkpoint holds (a family's `config.json` 
 `layout` and `generation` of `pipeline.json`, an autoencoder's config): a bad record is one error
 naming the file and the field (`pipeline.json: layout.target_size: missing`), never a
 `TypeError` from deep inside a constructor. Values are checked field by field against the type
-of each field's default (int, float, bool, str, a tuple of ints, a dict); a tuple is read from a
-JSON list.
+of each field's default (int, float, bool, str, a tuple of ints, a list of ints or numbers, a dict); a
+tuple is read from a JSON list.
 """
 
 from __future__ import annotations
@@ -79,8 +79,16 @@ def _typed(value: Any, default: Any, where: str, error: type[Exception]) -> Any:
         if not isinstance(value, list) or len(value) != len(default) or not all(is_int(v) for v in value):
             raise bad(f"a list of {len(default)} integers")
         return tuple(value)
-    if isinstance(default, list):
-        if not isinstance(value, list):
+    if isinstance(default, list):  # items checked against the default's items (ints, numbers)
+        if default and all(is_int(v) for v in default):
+            if not isinstance(value, list) or not all(is_int(v) for v in value):
+                raise bad("a list of integers")
+        elif default and all(isinstance(v, float) for v in default):
+            if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in value):
+                raise bad("a list of numbers")
+            return [float(v) for v in value]
+        elif not isinstance(value, list):
             raise bad("a list")
         return list(value)
     if isinstance(default, dict):

@@ -301,7 +301,12 @@ class DuetConfig:
         if unknown:
             raise DuetConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(sections) + ['target_size']}")
         built = {name: _from_dict(kind, data.get(name, {}), f"{where}.{name}") for name, kind in sections.items()}
-        cfg = cls(**built, target_size=list(data.get("target_size", [32, 32])))
+        target_size = data.get("target_size", [32, 32])
+        if not (isinstance(target_size, list) and len(target_size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in target_size)):
+            raise DuetConfigError(f"{where}.target_size: expected [height, width] (two integers), "
+                                  f"found {json.dumps(target_size)[:60]}")
+        cfg = cls(**built, target_size=list(target_size))
         try:
             return cfg.validate()
         except DuetConfigError as exc:

@@ -9,8 +9,9 @@ Vicuna-13B, SD 2.1) and the converters read them from the checkpoints' own confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -228,16 +229,11 @@ class MMIConfig:
             raise ConfigError(f"{where}: format_version {version} is not supported (this code reads {FORMAT_VERSION})")
         types = {"vision": VisionConfig, "resampler": ResamplerConfig, "llm": LLMConfig, "mmfs": MMFSConfig,
                  "decoder": DecoderConfig}
-        kwargs: dict[str, Any] = {}
-        for name, value in data.items():
-            if name in types:
-                kwargs[name] = _from_dict(types[name], value, f"{where}.{name}")
-            elif name in {f.name for f in fields(cls)}:
-                kwargs[name] = value
-            else:
-                raise ConfigError(f"{where}: unknown field {name!r}")
+        sections = {name: _from_dict(kind, data[name], f"{where}.{name}") for name, kind in types.items() if name in data}
+        # the switches beside the sections, typed like every section's fields (unknown names refused)
+        switches = _from_dict(cls, {k: v for k, v in data.items() if k not in types}, where)
         try:
-            return cls(**kwargs).validate()
+            return dataclasses.replace(switches, **sections).validate()
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

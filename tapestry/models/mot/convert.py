@@ -2,7 +2,7 @@
 
 A BAGEL folder holds `llm_config.json` (Qwen2), `vit_config.json` (SigLIP), `ema.safetensors`
 (all model weights, bf16) and `ae.safetensors` (the FLUX VAE, loaded elsewhere). Facts a loader
-must get right (checked against ../shared/fixtures/bagel-tiny):
+must get right (tested on tests/bagel_fixture.py's checkpoint, cross-checked with ../shared/fixtures/bagel-tiny):
 
 - the generation expert's key is the understanding key with `_moe_gen` appended to the module
   that holds the tensor (`self_attn.q_proj_moe_gen.weight`, `mlp_moe_gen.up_proj.weight`,

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from tapestry.errors import TapestryError
+from tapestry.models.common.checkpoint import read_json_file
+from tapestry.models.common.config import section_from_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,13 +107,14 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, spec: LoraSpec, folder: str | Path, base: str = "") -> Path:
-    """Write only the adapters (and the spec that made them) into `folder`."""
+    """Write only the adapters (and the spec that made them) into `folder`, whole (a folder holding
+    files this function did not write is refused: tapestry.atomic.output_dir)."""
     from safetensors.torch import save_file
 
-    from tapestry.atomic import atomic_dir
+    from tapestry.atomic import output_dir
 
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with output_dir(folder, "save_adapter", flag="folder") as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
         record = {"format": FORMAT, "base": base, **asdict(spec)}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
@@ -122,13 +125,14 @@ def read_spec(folder: str | Path) -> LoraSpec:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise LoraError(f"{folder}: no {ADAPTER_CONFIG}; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = read_json_file(path, "a LoRA adapter config (save_adapter writes it)")
     if record.pop("format", None) != FORMAT:
         raise LoraError(f"{path}: not a tapestry MoT LoRA adapter (format should be {FORMAT!r})")
     record.pop("base", None)
+    spec = section_from_dict(LoraSpec, record, str(path), LoraError)
     try:
-        return LoraSpec(**record).validate()
-    except TypeError as exc:
+        return spec.validate()
+    except LoraError as exc:
         raise LoraError(f"{path}: {exc}") from None
 
 
