@@ -89,7 +89,8 @@ class Progress:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / done * (self.total - step) if done else 0.0
-            parts = "".join(f"  {key.removesuffix('_loss')} {value:.4f}" for key, value in record.items()
+            # (+ 0.0: a part a frozen stage skips sums to -0.0, which would print as "-0.0000")
+            parts = "".join(f"  {key.removesuffix('_loss')} {value + 0.0:.4f}" for key, value in record.items()
                             if key.endswith("_loss") and not key.startswith("val_"))
             print(f"step {step}/{self.total}  loss {record['loss']:.4f}{parts}  lr {record['lr']:.2e}  "
                   f"{record['tokens_per_s']:.0f} tok/s  eta {eta:.0f}s", file=sys.stderr, flush=True)
