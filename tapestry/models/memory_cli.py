@@ -121,7 +121,7 @@ def memory_command(
     console.print(parts)
     options = Table("option", "peak", "24 GB", "48 GB", "80 GB", title_justify="left", title="what fits (95 % of the device)")
     for row in table_rows:
-        options.add_row(row["option"], f"{row['peak_gib']:.1f} GiB",
+        options.add_row(row["option"], human(row["peak_bytes"]),
                         *("yes" if row[f"fits_{b}"] else "-" for b in (24, 48, 80)))
     console.print(options)
     del GiB

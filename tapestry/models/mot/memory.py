@@ -358,8 +358,9 @@ def estimate(config: MoTConfig, plan: Plan) -> Estimate:
         trainable = total_params - frozen
         parts_extra = 0
     w = plan.world_size
-    if plan.offload:  # FSDP2 CPUOffloadPolicy: parameters, gradients and optimizer live on the CPU
-        parts["weights"] = 2 * layer_weights + parts_extra
+    if plan.offload:  # FSDP2 CPUOffloadPolicy: parameters (adapters too), gradients and optimizer
+        # live on the CPU; a layer and the one prefetched after it are on the device
+        parts["weights"] = 2 * layer_weights + 2 * parts_extra // n_layers
         parts["gradients"] = layer_weights if not plan.lora_rank else 0
         parts["optimizer"] = 0
         parts["ema"] = 0
@@ -407,7 +408,7 @@ def fits(config: MoTConfig, base: Plan, budgets_gib=(24, 48, 80)) -> list[dict[s
     rows = []
     for label, change in options:
         est = estimate(config, replace(base, **change))
-        rows.append({"option": label, "peak_gib": round(est.peak / GiB, 2),
+        rows.append({"option": label, "peak_gib": round(est.peak / GiB, 2), "peak_bytes": est.peak,
                      **{f"fits_{b}": est.peak <= b * GiB * 0.95 for b in budgets_gib}, "parts_gib": est.gib()})
     return rows
 
