@@ -97,18 +97,23 @@ def other_files(report: dict[str, Any], folder: Path, used: set[str]) -> None:
             report["other_files"][path.name] = safe_summary(path, report)
 
 
+def json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, unreadable, not JSON or not an object:
+    inspection reports what it finds and never stops at a file it cannot read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _named_family(folder: Path) -> str | None:
     """The family a tapestry checkpoint's config.json names, or None (no such file / field)."""
     from tapestry.models import family as families
 
     path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(path)
+    if data is None:
         return None
     try:
         return families.family_name(data, str(path))

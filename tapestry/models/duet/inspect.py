@@ -12,25 +12,16 @@ folder, `transformer/` / `vae/` before the names of a diffusers folder's parts).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
 from tapestry.models.common.checkpoint import CheckpointError, compare_keys, read_header
-from tapestry.models.inspection import add_header, add_keys, config_summary, finish, new_report, other_files
+from tapestry.models.inspection import add_header, json_object, add_keys, config_summary, finish, new_report, other_files
 
 _DIT_CLASSES = ("WanTransformer3DModel", "CosmosTransformer3DModel")
 _VAE_CLASSES = ("AutoencoderKLWan", "AutoencoderKLCosmos")
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _headers(files: dict[str, Path]):
@@ -42,7 +33,7 @@ def _headers(files: dict[str, Path]):
 
 
 def _kind(folder: Path) -> str | None:
-    config = _json(folder / "config.json") if (folder / "config.json").is_file() else None
+    config = json_object(folder / "config.json") if (folder / "config.json").is_file() else None
     if config is not None:
         if config.get("family") == "duet":
             return "duet"
@@ -52,9 +43,9 @@ def _kind(folder: Path) -> str | None:
             return "transformer"
         if config.get("_class_name") in _VAE_CLASSES:
             return "vae"
-    index = _json(folder / "model_index.json") if (folder / "model_index.json").is_file() else None
+    index = json_object(folder / "model_index.json") if (folder / "model_index.json").is_file() else None
     if index is not None and (folder / "transformer" / "config.json").is_file():
-        transformer = _json(folder / "transformer" / "config.json") or {}
+        transformer = json_object(folder / "transformer" / "config.json") or {}
         if transformer.get("_class_name") in _DIT_CLASSES:
             return "diffusers"
     return None
@@ -150,7 +141,7 @@ def _qwen(folder: Path, report: dict[str, Any]) -> None:
 
 
 def _diffusers(folder: Path, report: dict[str, Any]) -> None:
-    index = _json(folder / "model_index.json") or {}
+    index = json_object(folder / "model_index.json") or {}
     names: list[str] = []
     for part in ("transformer", "vae"):
         if not (folder / part / "config.json").is_file():

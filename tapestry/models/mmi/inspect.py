@@ -15,7 +15,6 @@ Sharded safetensors are read through their index; `pytorch_model*.bin` through `
 
 from __future__ import annotations
 
-import json
 import types
 from dataclasses import asdict
 from pathlib import Path
@@ -23,19 +22,11 @@ from typing import Any
 
 from tapestry.errors import TapestryError
 from tapestry.models.common.checkpoint import TensorInfo, compare_keys, expected_shapes, read_header
-from tapestry.models.inspection import add_header, add_keys, config_summary, finish, new_report, other_files
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+from tapestry.models.inspection import add_header, json_object, add_keys, config_summary, finish, new_report, other_files
 
 
 def _kind(folder: Path) -> str | None:
-    config = _json(folder / "config.json") if (folder / "config.json").is_file() else None
+    config = json_object(folder / "config.json") if (folder / "config.json").is_file() else None
     if config is not None:
         if config.get("family") == "mmi" or config.get("format") == "tapestry.mmi":
             return "mmi"
@@ -43,7 +34,7 @@ def _kind(folder: Path) -> str | None:
             return "clip"
         if config.get("model_type") == "llama":
             return "llama"
-    unet = _json(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else None
+    unet = json_object(folder / "unet" / "config.json") if (folder / "unet" / "config.json").is_file() else None
     if unet is not None and unet.get("_class_name") == "UNet2DConditionModel":
         return "sd"
     return None
@@ -59,7 +50,7 @@ def weight_header(folder: Path, stem: str, report: dict[str, Any]) -> tuple[dict
     if single.is_file():
         files = [single]
     elif index.is_file() or bins.is_file():
-        data = _json(index if index.is_file() else bins) or {}
+        data = json_object(index if index.is_file() else bins) or {}
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConvertError(f"{index if index.is_file() else bins}: no weight_map object")
@@ -209,7 +200,7 @@ def _stable_diffusion(folder: Path, report: dict[str, Any]) -> None:
                          f"channels at {decoder.sample_size}², cross-attention {decoder.cross_attention_dim}, "
                          f"{decoder.prediction_type}"]
     report["config"] = {"decoder": asdict(decoder)}
-    vae_config = _json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else None
+    vae_config = json_object(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else None
     if vae_config is None:
         report["notes"].append("no vae/: the autoencoder comes from the training config's model.vae")
     else:
