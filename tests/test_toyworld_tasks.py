@@ -21,7 +21,7 @@ from tapestry.toyworld.spec import Scene, SpecError
 from tapestry.toyworld.bench import write_bench
 from tapestry.toyworld.splits import SEED_BASE, content_split, sample_seed
 
-ALL = [(task, layout) for task in tasks.TASKS for layout in tasks.task_layouts(task)]
+ALL = [(task, layout) for task in tasks.ALL_TASKS for layout in tasks.task_layouts(task)]
 
 
 @pytest.mark.parametrize("task, layout", ALL)
@@ -133,7 +133,7 @@ def test_summary_reports_tasks_layouts_and_intervals():
     results = [judge_document(tasks.sample(t, "test", 0, layout=l)) for t, l in ALL]
     report = summarize(results)
     assert report["overall"]["n"] == len(ALL) and report["overall"]["ci95"] is not None
-    assert set(report["tasks"]) == set(tasks.TASKS)
+    assert set(report["tasks"]) == set(tasks.ALL_TASKS)
     assert "compose/inline" in report["layouts"] and "compose/image-first" in report["layouts"]
 
 

@@ -25,7 +25,8 @@ def minimal() -> dict:
 
 
 @pytest.mark.parametrize("name", ["test-tiny.toml", "toyworld-default.toml", "duet-tiny.toml", "duet-toyworld.toml",
-                                  "mmi-tiny.toml", "mmi-toyworld.toml"])
+                                  "mmi-tiny.toml", "mmi-toyworld.toml",
+                                  "diag-tiny-world.toml"])
 def test_shipped_configs_load_and_round_trip(name):
     config = load_config(CONFIGS / name)
     again = config_from_data(tomllib.loads(dump_toml(config)))

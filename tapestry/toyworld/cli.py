@@ -37,7 +37,7 @@ def _progress(quiet: bool, total: int | None, what: str):
 
 @app.command()
 def sample(
-    task: str = typer.Option("compose", help="compose | story | edit | understand | howto."),
+    task: str = typer.Option("compose", help="compose | story | edit | understand | howto | copy (a diagnostic)."),
     layout: str = typer.Option("both", help="inline | image-first | both (compose, edit, understand; story and howto are interleaved)."),
     n: int = typer.Option(8, "--n", help="Documents per layout."),
     split: str = typer.Option("train", help="train | val | test."),
@@ -61,8 +61,8 @@ def sample(
     from tapestry.toyworld import tasks
     from tapestry.toyworld.spec import SpecError
 
-    if task not in tasks.TASKS:
-        raise _fail(f"--task {task!r} is not a task; choose one of {', '.join(tasks.TASKS)}")
+    if task not in tasks.ALL_TASKS:
+        raise _fail(f"--task {task!r} is not a task; choose one of {', '.join(tasks.ALL_TASKS)}")
     if layout == "both":
         layouts = list(tasks.task_layouts(task))
     elif layout in tasks.LAYOUTS:

@@ -1,6 +1,6 @@
 """Judging whole ToyWorld Documents: each task's rule on top of `judge_image`.
 
-    compose, edit   the target image against its scene.
+    compose, edit   the target image against its scene (and copy, the diagnostic task).
     story           each frame against its scene (0.8) and identity persistence (0.2): for each
                     entity present in two consecutive frames, the colour, shape and pattern the
                     judge reads must change exactly where the story changes them.
@@ -47,7 +47,8 @@ class JudgeError(TapestryError):
 
 def toyworld_spec(doc: Document) -> dict[str, Any]:
     spec = doc.meta.get("toyworld") if isinstance(doc.meta, dict) else None
-    if not isinstance(spec, dict) or spec.get("task") not in ("compose", "story", "edit", "understand", "howto"):
+    if not isinstance(spec, dict) or spec.get("task") not in ("compose", "story", "edit", "understand", "howto",
+                                                              "copy"):
         raise JudgeError(f"document {doc.id!r}: meta.toyworld is missing or names no ToyWorld task; "
                          "judge Documents made by `tapestry toyworld sample/bench` (or pass --expected)")
     return spec
@@ -185,7 +186,7 @@ def judge_document(expected: Document, predicted: Document | None = None) -> dic
     out["targets"] = [_brief(r) for r in results]
     frame_mean = float(np.mean([r["total"] for r in results]))
     out["exact"] = round(float(np.mean([1.0 if r["exact"] else 0.0 for r in results])), 4)
-    if task in ("compose", "edit"):
+    if task in ("compose", "edit", "copy"):
         out["total"] = results[0]["total"]
         out["exact"] = 1.0 if results[0]["exact"] else 0.0
     elif task == "story":

@@ -9,16 +9,29 @@
     understand  a context image + a question -> a short text answer.
     howto       a goal -> the model decides how many images (one per step) and writes them.
 
+and one diagnostic task, outside toyworld-bench-v1 (DIAGNOSTIC_TASKS):
+
+    copy        the target's own clean render as a context image + "Draw it again exactly."
+                -> the target: what a model scores here bounds what it can reach when it must
+                build the target from references and text (issue 20).
+
+compose, copy and understand draw from a `World` (sampling.py): a restricted one (a few shapes,
+colours, patterns, backgrounds; a number of entities) makes a tiny world for overfit runs. Its
+documents carry `meta["toyworld"]["world"]` and the world's tag in their id; the default world
+makes the same documents as before restrictions existed.
+
 Every Document carries its world spec in `meta["toyworld"]` (task, layout, split, index, seed,
 side, scenes, ...) and every target image its own scene in `meta["toyworld"]["scene"]`; that is
 all the judge needs. Reference images show their entity at a random place, size and rotation on
 a random background, so copying one is wrong by construction; targets are upright.
 
-`sample(task, split, index, layout=..., seed=0)` is random access into a split (splits.py).
+`sample(task, split, index, layout=..., seed=0, world=...)` is random access into a split
+(splits.py).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +41,8 @@ from tapestry.document import Document, ImageSegment, TextSegment, from_markup
 from tapestry.toyworld import phrases as ph
 from tapestry.toyworld.render import render_scene
 from tapestry.toyworld.sampling import (
+    WORLD,
+    World,
     pick,
     random_background,
     random_entity,
@@ -47,16 +62,53 @@ from tapestry.toyworld.spec import (
 )
 from tapestry.toyworld.splits import draw
 
-TASKS: tuple[str, ...] = ("compose", "story", "edit", "understand", "howto")
+TASKS: tuple[str, ...] = ("compose", "story", "edit", "understand", "howto")  # the benchmark's
+DIAGNOSTIC_TASKS: tuple[str, ...] = ("copy",)  # trained and judged like the others, never benchmarked
+ALL_TASKS = TASKS + DIAGNOSTIC_TASKS
 LAYOUTS: tuple[str, ...] = ("inline", "image-first")
-TASK_CODES: dict[str, int] = {"compose": 1, "story": 2, "edit": 3, "understand": 4, "howto": 5}
+TASK_CODES: dict[str, int] = {"compose": 1, "story": 2, "edit": 3, "understand": 4, "howto": 5, "copy": 6}
+# Tasks that draw their scene from a World, and the entities per scene when the world leaves it
+# open. story, edit and howto pick identities for their changes and lines themselves (recolour,
+# add, a row of distinct colours) and always use the whole world.
+WORLD_ENTITIES: dict[str, tuple[int, int]] = {"compose": (1, MAX_ENTITIES), "copy": (1, MAX_ENTITIES),
+                                              "understand": (1, 4)}
 DEFAULT_SIDE = 64
 SPEC_VERSION = 1
 
 
 def task_layouts(task: str) -> tuple[str, ...]:
     """The layouts a task is written in: story and howto interleave text and targets only."""
-    return LAYOUTS if task in ("compose", "edit", "understand") else ("interleaved",)
+    return LAYOUTS if task in ("compose", "edit", "understand", "copy") else ("interleaved",)
+
+
+def check_world(task: str, world: World) -> None:
+    """SpecError, naming the first restricted field, when `task` cannot draw from `world`."""
+    if not world.restricted:
+        return
+    field = next(f for f in ("shapes", "colours", "patterns", "backgrounds", "entities")
+                 if getattr(world, f) != getattr(WORLD, f))
+    if task not in WORLD_ENTITIES:
+        raise SpecError(f"{field}: a {task} task draws from the whole world (its changes pick identities of "
+                        f"their own); restrict {', '.join(WORLD_ENTITIES)} sources only")
+    lo, hi = world.entity_range(WORLD_ENTITIES[task])
+    if world.identities < hi:
+        # scenes hold distinct identities, so each can be named unambiguously
+        raise SpecError(f"entities: a {task} scene of up to {hi} entities needs {hi} distinct identities, but "
+                        f"shapes x colours x patterns give {world.identities}; set entities = "
+                        f"[1, {world.identities}] or name more")
+
+
+def world_for(task: str, shapes: list[str] | None = None, colours: list[str] | None = None,
+              patterns: list[str] | None = None, backgrounds: list[str] | None = None,
+              entities: list[int] | None = None) -> World:
+    """The World of a source's restriction fields (None: that field unrestricted), checked
+    against `task`; a bad field raises SpecError naming it and the bad value."""
+    given = {name: value for name, value in (("shapes", shapes), ("colours", colours), ("patterns", patterns),
+                                             ("backgrounds", backgrounds)) if value is not None}
+    bounds = None if entities is None else (tuple(entities) if isinstance(entities, (list, tuple)) else entities)
+    world = World(**given, entities=bounds)
+    check_world(task, world)
+    return world
 
 
 # ------------------------------------------------------------------ helpers
@@ -77,10 +129,11 @@ def _context_image(scene: Scene, side: int, name: str) -> ImageSegment:
                         meta={"toyworld": {"scene": scene.to_dict()}})
 
 
-def _doc_id(task: str, split: str, index: int, seed: int, layout: str) -> str:
+def _doc_id(task: str, split: str, index: int, seed: int, layout: str, world: World = WORLD) -> str:
     stream = f"-s{seed}" if split == "train" else ""
     suffix = f"-{layout}" if layout in LAYOUTS else ""
-    return f"toyworld-{task}-{split}{stream}-{index:06d}{suffix}"
+    tag = f"-w{world.tag()}" if world.restricted else ""
+    return f"toyworld-{task}{tag}-{split}{stream}-{index:06d}{suffix}"
 
 
 def _meta(task: str, layout: str, split: str, index: int, sample_seed: int, side: int,
@@ -122,8 +175,8 @@ class ComposePlan:
         return {"scene": self.scene.fingerprint()}
 
 
-def plan_compose(rng: np.random.Generator) -> ComposePlan:
-    scene = random_scene(rng, (1, MAX_ENTITIES))
+def plan_compose(rng: np.random.Generator, world: World = WORLD) -> ComposePlan:
+    scene = random_scene(rng, world.entity_range(WORLD_ENTITIES["compose"]), world=world)
     order = [int(i) for i in rng.permutation(len(scene.entities))]
     placements: list[tuple[str, Any]] = []
     for k, i in enumerate(order):
@@ -137,7 +190,7 @@ def plan_compose(rng: np.random.Generator) -> ComposePlan:
         scene=scene, order=order, placements=placements,
         sizes=[pick(rng, ph.SIZE_WORDS[scene.entities[i].size]) for i in order],
         verbs=[pick(rng, ph.VERBS) for _ in order],
-        references=[reference_scene(scene.entities[i].entity, rng) for i in order],
+        references=[reference_scene(scene.entities[i].entity, rng, world) for i in order],
         background=ph.background_phrase(rng, scene.background),
         style=pick(rng, ("descriptive", "imperative")),
         imperative=pick(rng, ("Draw", "Place", "Put", "Show")),
@@ -395,8 +448,8 @@ class UnderstandPlan:
         return {"scene": self.scene.fingerprint(), "question": self.question}
 
 
-def plan_understand(rng: np.random.Generator) -> UnderstandPlan:
-    scene = random_scene(rng, (1, 4))
+def plan_understand(rng: np.random.Generator, world: World = WORLD) -> UnderstandPlan:
+    scene = random_scene(rng, world.entity_range(WORLD_ENTITIES["understand"]), world=world)
     kind = pick(rng, QUESTIONS)
     i = int(rng.integers(len(scene.entities)))
     e = scene.entities[i]
@@ -421,7 +474,7 @@ def plan_understand(rng: np.random.Generator) -> UnderstandPlan:
         question = pick(rng, ("How many shapes are there?", "How many shapes does the picture show?"))
         answer = str(len(scene.entities))
     else:
-        colour = pick(rng, COLOURS)
+        colour = pick(rng, world.colours)
         question = pick(rng, (f"How many {colour} shapes are there?", f"How many shapes are {colour}?"))
         answer = str(sum(x.entity.colour == colour for x in scene.entities))
         i = None
@@ -437,6 +490,41 @@ def build_understand(plan: UnderstandPlan, layout: str, doc_id: str, meta: dict[
         return Document(doc_id, [TextSegment(question), image, answer], meta)
     question = f"In the first image, {plan.question[0].lower()}{plan.question[1:]}"
     return Document(doc_id, [image, TextSegment(question), answer], meta)
+
+
+# -------------------------------------------------------------------- copy
+@dataclass
+class CopyPlan:
+    """The diagnostic upper bound of issue 20: the target's own clean render is given first, as
+    a context image (ViT tokens and, with layout.context_as_vae, its clean VAE latents, as edit
+    sources and story frames enter), and the model is asked to draw it again."""
+
+    scene: Scene
+    instruction_seed: int
+
+    def content(self) -> Any:
+        return {"scene": self.scene.fingerprint()}  # as compose's: a scene belongs to one split for both
+
+
+COPY_LEADS: tuple[str, ...] = ("Here is <img:source/>.", "Take <img:source/>.", "Look at <img:source/>.")
+COPY_ASKS: tuple[str, ...] = ("Draw it again exactly.", "Copy it exactly.", "Draw the same picture again.")
+COPY_ASKS_IMAGE_FIRST: tuple[str, ...] = ("Draw the first image again exactly.", "Copy the first image exactly.",
+                                          "Draw the same picture as the first image.")
+
+
+def plan_copy(rng: np.random.Generator, world: World = WORLD) -> CopyPlan:
+    scene = random_scene(rng, world.entity_range(WORLD_ENTITIES["copy"]), world=world)
+    return CopyPlan(scene, int(rng.integers(2**31)))
+
+
+def build_copy(plan: CopyPlan, layout: str, doc_id: str, meta: dict[str, Any], side: int) -> Document:
+    rng = np.random.default_rng(plan.instruction_seed)
+    source = _context_image(plan.scene, side, "source")
+    target = _target(plan.scene, side, "target")
+    if layout == "inline":
+        text = f"{pick(rng, COPY_LEADS)} {pick(rng, COPY_ASKS)}"
+        return Document(doc_id, [TextSegment(text), source, target], meta)
+    return Document(doc_id, [source, TextSegment(pick(rng, COPY_ASKS_IMAGE_FIRST)), target], meta)
 
 
 # ------------------------------------------------------------------- howto
@@ -524,18 +612,19 @@ def build_howto(plan: HowtoPlan, doc_id: str, meta: dict[str, Any], side: int) -
 
 # ------------------------------------------------------------------ sample
 PLANNERS = {"compose": plan_compose, "story": plan_story, "edit": plan_edit, "understand": plan_understand,
-            "howto": plan_howto}
+            "howto": plan_howto, "copy": plan_copy}
 
 
 def sample(task: str, split: str, index: int, layout: str | None = None, seed: int = 0,
-           side: int = DEFAULT_SIDE) -> Document:
+           side: int = DEFAULT_SIDE, world: World = WORLD) -> Document:
     """Document `index` of `task` in `split` (random access; same arguments -> same Document).
 
-    `layout`: inline | image-first for compose, edit and understand (default inline); story and
-    howto are interleaved and accept either. `seed` numbers the train stream (test and val are
-    fixed and take none). `side`: pixels of every image."""
-    if task not in TASKS:
-        raise SpecError(f"task: {task!r} is not a ToyWorld task; choose one of {', '.join(TASKS)}")
+    `layout`: inline | image-first for compose, copy, edit and understand (default inline); story
+    and howto are interleaved and accept either. `seed` numbers the train stream (test and val
+    are fixed and take none). `side`: pixels of every image. `world`: what compose, copy and
+    understand draw from (check_world says what else may be restricted)."""
+    if task not in ALL_TASKS:
+        raise SpecError(f"task: {task!r} is not a ToyWorld task; choose one of {', '.join(ALL_TASKS)}")
     layouts = task_layouts(task)
     if layout is None:
         layout = layouts[0]
@@ -545,12 +634,25 @@ def sample(task: str, split: str, index: int, layout: str | None = None, seed: i
         layout = layouts[0]  # story/howto: one interleaved layout whatever was asked
     if isinstance(side, bool) or not isinstance(side, int) or not 16 <= side <= 1024:
         raise SpecError(f"side: expected an image size in 16..1024 pixels, got {side!r}")
-    plan, sample_seed, _ = draw(split, index, seed, TASK_CODES[task], PLANNERS[task], lambda p: p.content())
-    doc_id = _doc_id(task, split, index, seed, layout)
+    check_world(task, world)
+    planner = functools.partial(PLANNERS[task], world=world) if task in WORLD_ENTITIES else PLANNERS[task]
+    plan, sample_seed, _ = draw(split, index, seed, TASK_CODES[task], planner, lambda p: p.content())
+    doc_id = _doc_id(task, split, index, seed, layout, world)
+    doc = _build(task, plan, layout, split, index, sample_seed, side, doc_id)
+    if world.restricted:
+        doc.meta["toyworld"]["world"] = world.to_dict()
+    return doc
+
+
+def _build(task: str, plan: Any, layout: str, split: str, index: int, sample_seed: int, side: int,
+           doc_id: str) -> Document:
     if task == "compose":
         meta = _meta(task, layout, split, index, sample_seed, side, [plan.scene],
                      references=[r.to_dict() for r in plan.references])
         return build_compose(plan, layout, doc_id, meta, side)
+    if task == "copy":
+        return build_copy(plan, layout, doc_id, _meta(task, layout, split, index, sample_seed, side, [plan.scene]),
+                          side)
     if task == "story":
         return build_story(plan, doc_id, _meta(task, layout, split, index, sample_seed, side, plan.scenes), side)
     if task == "edit":
@@ -566,7 +668,7 @@ def sample(task: str, split: str, index: int, layout: str | None = None, seed: i
 
 
 def samples(task: str, split: str, start: int, count: int, layout: str | None = None, seed: int = 0,
-            side: int = DEFAULT_SIDE) -> list[Document]:
-    return [sample(task, split, i, layout, seed, side) for i in range(start, start + count)]
+            side: int = DEFAULT_SIDE, world: World = WORLD) -> list[Document]:
+    return [sample(task, split, i, layout, seed, side, world) for i in range(start, start + count)]
 
 

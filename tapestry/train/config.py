@@ -72,15 +72,29 @@ class LayoutChoices:
 SOURCE_KINDS = ("toyworld", "shards")
 
 
+WORLD_FIELDS = ("shapes", "colours", "patterns", "backgrounds", "entities")
+
+
 @dataclass
 class SourceConfig:
     name: str = ""
     kind: str = "toyworld"  # "toyworld" (seeded train stream) | "shards" (Document files)
     weight: float = 1.0
-    task: str = "compose"  # toyworld: compose | story | edit | understand | howto
+    task: str = "compose"  # toyworld: compose | story | edit | understand | howto | copy (a diagnostic)
     layout: str = "inline"  # toyworld: inline | image-first (story and howto are interleaved)
     side: int = 64  # toyworld: pixels per image side
     path: str = ""  # shards: a .tar / .jsonl / .json file, a folder of them, or a glob
+    # toyworld compose, copy and understand: a restricted world (tapestry.toyworld.sampling.World).
+    # Absent (None): the whole world, and the very documents of an unrestricted stream.
+    shapes: list[str] | None = None  # names from tapestry.toyworld.spec.SHAPES
+    colours: list[str] | None = None  # ... COLOURS
+    patterns: list[str] | None = None  # ... PATTERNS
+    backgrounds: list[str] | None = None  # ... BACKGROUND_KINDS (plain, grid, gradient, noise)
+    entities: list[int] | None = None  # [min, max] entities per scene, e.g. [1, 1]
+
+    def world_fields(self) -> dict[str, Any]:
+        """The restriction fields that are set."""
+        return {name: getattr(self, name) for name in WORLD_FIELDS if getattr(self, name) is not None}
 
 
 @dataclass
@@ -231,6 +245,18 @@ class TrainConfig:
             need(s.kind != "shards" or bool(s.path), f"{key}.path", "a shards source needs a path")
             need(s.layout in ("inline", "image-first"), f"{key}.layout", "must be inline or image-first")
             need(16 <= s.side <= 1024, f"{key}.side", f"must be 16..1024 pixels, got {s.side}")
+            restricted = s.world_fields()
+            if restricted:
+                need(s.kind == "toyworld", f"{key}.{next(iter(restricted))}", f"restricts a ToyWorld stream; a "
+                     f"{s.kind} source reads its documents as they are (remove the field)")
+                from tapestry.toyworld.spec import SpecError
+                from tapestry.toyworld.tasks import ALL_TASKS, world_for
+
+                need(s.task in ALL_TASKS, f"{key}.task", f"{s.task!r} is not one of {ALL_TASKS}")
+                try:
+                    world_for(s.task, **restricted)
+                except SpecError as exc:
+                    raise TrainConfigError(f"{key}.{exc}") from None
         need(sum(s.weight for s in d.sources) > 0, "data.sources", "weights sum to 0")
         need(d.budget >= 8, "data.budget", f"must be >= 8 tokens, got {d.budget}")
         need(d.rows >= 1, "data.rows", f"must be >= 1, got {d.rows}")
@@ -514,8 +540,8 @@ def dump_toml(config: TrainConfig) -> str:
     def scalars_of(obj) -> list[str]:
         out = []
         for key, value in _items(obj):
-            if dataclasses.is_dataclass(value) or _is_section_list(value):
-                continue
+            if dataclasses.is_dataclass(value) or _is_section_list(value) or value is None:
+                continue  # None: a field left unset, which TOML writes by leaving it out
             out.append(f"{_toml_key(key)} = {_toml_value(value)}")
         return out
 

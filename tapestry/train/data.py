@@ -7,7 +7,8 @@ next position and how many documents were drawn — is plain JSON and part of ev
 so a resumed run draws exactly the documents an uninterrupted run would have drawn next.
 
 Sources:
-    toyworld   the seeded ToyWorld train stream of one task and layout (tapestry.toyworld.tasks)
+    toyworld   the seeded ToyWorld train stream of one task and layout (tapestry.toyworld.tasks),
+               optionally of a restricted world (shapes, colours, ... fields of the source)
     shards     Document files (webdataset .tar, .jsonl, .json, folders of them, or a glob), read
                in order; each epoch visits the files in a new seeded order
 """
@@ -56,21 +57,28 @@ def toyworld_tasks():
 class ToyWorldSource:
     """Document n of the ToyWorld `split` of one task and layout (random access by n). The train
     split is the stream numbered by the run's seed; val and test are fixed sets that no train
-    seed ever reaches (tapestry.toyworld.splits)."""
+    seed ever reaches (tapestry.toyworld.splits). A restricted world applies to every split, so
+    the val documents that watch a tiny-world run are tiny-world documents too."""
 
     def __init__(self, config: SourceConfig, seed: int, split: str = "train"):
         self.name, self.task, self.layout, self.side = config.name, config.task, config.layout, config.side
         self.seed, self.split = (seed if split == "train" else 0), split
         self._tasks = toyworld_tasks()
-        if self.task not in self._tasks.TASKS:
-            raise TrainConfigError(f"source {self.name!r}: task {self.task!r} is not one of {self._tasks.TASKS}")
+        if self.task not in self._tasks.ALL_TASKS:
+            raise TrainConfigError(f"source {self.name!r}: task {self.task!r} is not one of {self._tasks.ALL_TASKS}")
+        from tapestry.toyworld.spec import SpecError
+
+        try:
+            self.world = self._tasks.world_for(self.task, **config.world_fields())
+        except SpecError as exc:
+            raise TrainConfigError(f"source {self.name!r}: {exc}") from None
 
     def initial_position(self) -> int:
         return 0
 
     def fetch(self, position: int) -> tuple[Document, int, int]:
         doc = self._tasks.sample(self.task, self.split, int(position), layout=self.layout, seed=self.seed,
-                                 side=self.side)
+                                 side=self.side, world=self.world)
         return doc, int(position), int(position) + 1
 
 
