@@ -4,6 +4,8 @@
      "ok": ..., "config": {...}}
 
 Benchmarks compare ratios inside one run; `--quick` keeps the sizes and lowers the repeats.
+They reach a model family only through the registry (tapestry.models.family): `model_config`
+below, and the family's `benchmark_parts()` for what they time beneath the protocol.
 """
 
 from __future__ import annotations
@@ -75,3 +77,13 @@ def reset_peak_rss() -> bool:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def model_config(family: str, table: dict, vocab_size: int, latent_channels: int):
+    """The model config of `family` that a training config's [model] table `table` (its recipe
+    keys, e.g. {"llm": {...}, "use_vit": False}) gives, through the family registry."""
+    from tapestry.models import family as families
+    from tapestry.train.config import from_dict
+
+    chosen = families.get(family)
+    return chosen.model_config(from_dict(chosen.recipe, table, "model"), vocab_size, latent_channels)

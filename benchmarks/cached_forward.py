@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import figure, log, median_seconds, parse_args  # noqa: E402
+from _common import figure, log, median_seconds, model_config, parse_args  # noqa: E402
 
 BENCH = "cached_forward"
 CONTEXT, NOISY = 4096, 256
@@ -31,15 +31,17 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     import torch
 
-    from tapestry.layout import Span, dense_mask
-    from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig
-    from tapestry.models.mot.model import GEN, UND, KVCache, MoTModel
+    from tapestry.layout import GEN, UND, Span, dense_mask
+    from tapestry.models import family as families
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    llm = LLMConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=4,
-                    num_heads=4, num_kv_heads=2, head_dim=64)
-    model = MoTModel(MoTConfig(llm=llm, vit=None, latent=LatentConfig(channels=8, max_side=16))).eval()
+    mot = families.get("mot")
+    config = model_config("mot", {"llm": {"hidden_size": 256, "intermediate_size": 704, "num_layers": 4, "num_heads": 4,
+                                          "num_kv_heads": 2, "head_dim": 64},
+                                  "use_vit": False, "latent": {"max_side": 16}}, vocab_size=1024, latent_channels=8)
+    model, llm = mot.build(config).eval(), config.llm
+    KVCache = mot.benchmark_parts().KVCache
 
     # context: alternating text (causal, und) and clean image tokens (full, gen), one document
     spans, experts, positions, pos, start = [], [], [], 0, 0

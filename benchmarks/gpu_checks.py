@@ -27,24 +27,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from _common import figure, parse_args  # noqa: E402
+from _common import figure, model_config, parse_args  # noqa: E402
+
+from tapestry.layout import GEN, UND  # noqa: E402
+from tapestry.models import family as families  # noqa: E402
 
 BENCH = "gpu_checks"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
 def _config(hidden=256, layers=2, heads=4, kv=2, vocab=1024):
-    from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig
+    llm = {"hidden_size": hidden, "intermediate_size": 3 * hidden, "num_layers": layers, "num_heads": heads,
+           "num_kv_heads": kv, "head_dim": hidden // heads}
+    return model_config("mot", {"llm": llm, "use_vit": False, "latent": {"patch_size": 2, "max_side": 64}},
+                        vocab_size=vocab, latent_channels=16)
 
-    return MoTConfig(llm=LLMConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                                   num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads),
-                     vit=None, latent=LatentConfig(channels=16, patch_size=2, max_side=64))
+
+def _model(config):
+    return families.get("mot").build(config)
 
 
 def _row(model, text: int, side: int, device, seed=0):
     """A packed row: text (causal), a noisy image block (noise span, gen expert), more text."""
     from tapestry.layout import Span
-    from tapestry.models.mot.model import GEN, UND
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.llm.vocab_size, (1, 2 * text), generator=g).to(device)
@@ -60,10 +65,9 @@ def _row(model, text: int, side: int, device, seed=0):
 
 def check_flex(device, quick):
     from tapestry.layout import block_mask, dense_mask
-    from tapestry.models.mot.model import MoTModel
 
     torch.manual_seed(0)
-    model = MoTModel(_config()).to(device)
+    model = _model(_config()).to(device)
     results = {}
     for name in ("dense", "flex"):
         model.zero_grad()
@@ -80,10 +84,9 @@ def check_flex(device, quick):
 
 def check_autocast(device, quick):
     from tapestry.layout import dense_mask
-    from tapestry.models.mot.model import MoTModel
 
     torch.manual_seed(0)
-    model = MoTModel(_config()).to(device)
+    model = _model(_config()).to(device)
     embeds, experts, positions, spans, _ = _row(model, 256, 16, device)
     mask = dense_mask(spans, device=device)
     with torch.no_grad():
@@ -108,13 +111,11 @@ def check_nccl(device, quick):
 
 
 def check_compile(device, quick):
-    from tapestry.models.mot.model import GEN, UND, KVCache, MoTModel
-
     torch.manual_seed(0)
-    model = MoTModel(_config(hidden=512, layers=4, heads=8)).to(device, torch.bfloat16).eval()
+    model = _model(_config(hidden=512, layers=4, heads=8)).to(device, torch.bfloat16).eval()
     c, side = 2048, 16
     n = side * side
-    cache = KVCache()
+    cache = families.get("mot").benchmark_parts().KVCache()
     with torch.no_grad():
         ids = torch.randint(0, 1024, (1, c), device=device)
         model(model.embed_text(ids), torch.full((1, c), UND, device=device), torch.arange(c, device=device)[None],
@@ -149,11 +150,10 @@ def check_compile(device, quick):
 
 def check_throughput(device, quick):
     from tapestry.layout import block_mask
-    from tapestry.models.mot.model import MoTModel
 
     cfg = _config(hidden=1024, layers=8, heads=16, kv=4, vocab=32000)
     torch.manual_seed(0)
-    model = MoTModel(cfg).to(device)
+    model = _model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     text, side = 1024, 32
     embeds, experts, positions, spans, ids = _row(model, text, side, device)
@@ -198,7 +198,8 @@ def check_memory_estimate(device, quick):
     fused-attention stand-in is what the CUDA kernels really keep (`estimate_error_cuda_*`)."""
     from dataclasses import asdict
 
-    from tapestry.models.mot.memory import Plan, estimate, measure
+    memory = families.get("mot").benchmark_parts().memory
+    Plan, estimate, measure = memory.Plan, memory.estimate, memory.measure
 
     config = _config(hidden=512, layers=4, heads=8, kv=2, vocab=4096)
     plans = {"train": Plan(mode="train", dtype="bf16", tokens=2048),

@@ -3,7 +3,7 @@ BAGEL-7B-MoT (DESIGN §12: within 15 %).
 
     python benchmarks/memory.py [--quick] [--device cpu|cuda]
 
-Measured: `tapestry.models.mot.memory.measure` runs the step for real — the second training step
+Measured: the mot family's `memory.measure` runs the step for real — the second training step
 (AdamW states exist) or one image's generation step (prefill + one batched denoising step) — and
 takes the peak of live storages (CPU: counted from creation to release; CUDA:
 max_memory_allocated). Predicted: `estimate`, which never runs the model.
@@ -23,29 +23,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import figure, log, parse_args  # noqa: E402
+from _common import figure, log, model_config, parse_args  # noqa: E402
+
+from tapestry.models import family as families  # noqa: E402
 
 BENCH = "memory"
 TARGET = 0.15
 
 
 def tiny_configs():
-    from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig, ViTConfig
-
-    def config(hidden: int, layers: int) -> MoTConfig:
-        return MoTConfig(
-            llm=LLMConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                          num_heads=4, num_kv_heads=2, head_dim=hidden // 4),
-            vit=ViTConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, patch_size=8,
-                          max_patches_per_side=4),
-            latent=LatentConfig(channels=4, patch_size=2, max_side=16, timestep_freq_dim=32))
+    def config(hidden: int, layers: int):
+        return model_config("mot", {
+            "llm": {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_layers": layers, "num_heads": 4,
+                    "num_kv_heads": 2, "head_dim": hidden // 4},
+            "vit": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "patch_size": 8,
+                    "max_patches_per_side": 4},
+            "latent": {"patch_size": 2, "max_side": 16, "timestep_freq_dim": 32}}, vocab_size=512, latent_channels=4)
 
     return {"h96-l2": config(96, 2), "h128-l4": config(128, 4)}
 
 
 def tiny_plans(device: str):
-    from tapestry.models.mot.memory import Plan
-
+    Plan = families.get("mot").benchmark_parts().memory.Plan
     train = Plan(mode="train", dtype="fp32", device=device, tokens=256)
     infer = Plan(mode="inference", dtype="fp32", device=device, tokens=256, image_tokens=64)
     return {
@@ -62,8 +61,9 @@ def tiny_plans(device: str):
 def main(argv=None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv,
                       lambda p: p.add_argument("--device", default="cpu", help="where the measured steps run"))
-    from tapestry.models.mot.bagel import BAGEL_7B
-    from tapestry.models.mot.memory import GiB, Plan, estimate, measure
+    parts = families.get("mot").benchmark_parts()
+    BAGEL_7B, memory = parts.BAGEL_7B, parts.memory
+    GiB, Plan, estimate, measure = memory.GiB, memory.Plan, memory.estimate, memory.measure
 
     worst, worst_at = 0.0, ""
     for cname, config in tiny_configs().items():

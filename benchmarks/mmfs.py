@@ -92,8 +92,9 @@ class PeakTensorBytes:
 def setup(m: int):
     import torch
 
-    from tapestry.models.mmi.mmfs import MMFS
+    from tapestry.models import family as families
 
+    MMFS = families.get("mmi").benchmark_parts().MMFS
     torch.manual_seed(0)
     mod = MMFS(D, D, heads=HEADS, levels=len(SIDES), points=POINTS, max_images=32).eval()
     with torch.no_grad():

@@ -3,9 +3,11 @@
 Training (`tapestry.train`), inference (`tapestry.infer`) and evaluation (`tapestry.eval`) never
 import a family's folder and never branch on a family: they look the family up here by the
 `family` field of a checkpoint's `config.json` / `pipeline.json` (or `model.family` of a
-training config) and call only the methods below. A family's folder
-(`tapestry/models/<family>/`) holds its config, model, glue (an object implementing `Family`)
-and converters for upstream checkpoint layouts; it registers that object with `register`.
+training config) and call only the methods below. Nothing else outside the folder imports it
+either (serving, the CLI, benchmarks/; tests/test_family_protocol.py checks). A family's folder
+(`tapestry/models/<family>/`) holds its config, model, glue (an object implementing `Family`),
+converters for upstream checkpoint layouts and its own commands; it registers that object
+with `register`.
 
 Built-in families are imported lazily the first time they are asked for (`BUILTIN`), so
 importing this module imports no family. A family outside the package (a plugin, or the
@@ -86,6 +88,21 @@ Looking at a folder (optional: `tapestry inspect`)
                                 published layout it reads — from JSON configs and safetensors
                                 headers only (tapestry.models.inspection.new_report's keys);
                                 None when the folder is nothing this family reads
+
+Measured alone (optional: benchmarks/)
+    benchmark_parts() -> namespace
+                                the family's own pieces that a benchmark times directly, beyond
+                                the protocol (mot: KVCache, Context, Block, the memory
+                                estimator, BAGEL_7B; mmi: MMFS); code meant for every family
+                                never uses it, and benchmarks/ import no family folder
+
+Its own commands (optional: `tapestry <command>`)
+    A family's commands that fit no other family (mot: `tapestry convert`, `memory`, `vit`)
+    live in its folder, in the module `BUILTIN_COMMANDS` names, as `COMMANDS` (name -> command
+    function) and `GROUPS` (name -> typer.Typer); tapestry/cli.py mounts them through
+    `command_line()`. They are found by module name rather than on the family object because
+    `tapestry --help` must not import torch and the model: that module imports typer and rich
+    only, and its commands import the rest when they run.
 """
 
 from __future__ import annotations
@@ -93,15 +110,18 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from tapestry.errors import TapestryError
+
+if TYPE_CHECKING:  # annotations only: importing the registry (as tapestry/cli.py does) imports no torch
+    from torch import Tensor
 
 # name -> module that registers it when imported (the families that ship in the package)
 BUILTIN: dict[str, str] = {"mot": "tapestry.models.mot.family", "duet": "tapestry.models.duet.family",
                             "mmi": "tapestry.models.mmi.family"}
+# name -> module of the family's own `tapestry` commands ("Its own commands" above)
+BUILTIN_COMMANDS: dict[str, str] = {"mot": "tapestry.models.mot.cli"}
 DEFAULT_FAMILY = "mot"
 
 
@@ -263,6 +283,18 @@ def get(name: str) -> Family:
     return _REGISTRY[name]
 
 
+def command_line() -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
+    """(commands, groups) the built-in families add to `tapestry`: name -> command function and
+    name -> typer.Typer, from their `BUILTIN_COMMANDS` modules (no model is imported)."""
+    commands: dict[str, Callable[..., Any]] = {}
+    groups: dict[str, Any] = {}
+    for module_name in BUILTIN_COMMANDS.values():
+        module = importlib.import_module(module_name)
+        commands.update(getattr(module, "COMMANDS", {}))
+        groups.update(getattr(module, "GROUPS", {}))
+    return commands, groups
+
+
 def family_name(config: dict[str, Any], where: str = "config") -> str:
     """The family a config.json / pipeline.json dict names: its `family` field, or for files
     written before that field existed, the `tapestry.<family>` of its `format`."""
@@ -294,6 +326,6 @@ def family_of_folder(folder: str | Path) -> Family:
     return get(family_name(data, str(path)))
 
 
-__all__ = ["BUILTIN", "DEFAULT_FAMILY", "Family", "FamilyError", "OneByOne", "Runtime", "family_name", "family_of_config",
-           "family_of_folder",
+__all__ = ["BUILTIN", "BUILTIN_COMMANDS", "DEFAULT_FAMILY", "Family", "FamilyError", "OneByOne", "Runtime",
+           "command_line", "family_name", "family_of_config", "family_of_folder",
            "get", "names", "register", "unregister"]

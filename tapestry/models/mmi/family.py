@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -613,6 +614,13 @@ class MMIFamily:
 
     def runtime(self, model: MMIModel, tokenizer, codec, layout: LayoutConfig) -> MMIRuntime:
         return MMIRuntime(model, tokenizer, codec, layout)
+
+    # -- measured alone (benchmarks/mmfs.py: MMFS against dense cross-attention), handed over
+    # here so the benchmark imports no folder
+    def benchmark_parts(self) -> SimpleNamespace:
+        from tapestry.models.mmi.mmfs import MMFS
+
+        return SimpleNamespace(MMFS=MMFS)
 
 
 MMI = families.register(MMIFamily())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -569,6 +570,14 @@ class MoTFamily:
     # -- inference
     def runtime(self, model: MoTModel, tokenizer, codec, layout: LayoutConfig) -> MoTRuntime:
         return MoTRuntime(model, tokenizer, codec, layout)
+
+    # -- measured alone (benchmarks/cached_forward, cached_denoise, guidance_batching, memory,
+    # gpu_checks): what they time beneath the runtime, handed over here so they import no folder
+    def benchmark_parts(self) -> SimpleNamespace:
+        from tapestry.models.mot import memory
+        from tapestry.models.mot.bagel import BAGEL_7B
+
+        return SimpleNamespace(KVCache=KVCache, Context=Context, Block=Block, memory=memory, BAGEL_7B=BAGEL_7B)
 
 
 MOT = families.register(MoTFamily())
