@@ -194,6 +194,36 @@ def test_cli_train_writes_checkpoint_and_report(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+
+def test_cli_train_init_fine_tunes_the_given_autoencoder(tmp_path):
+    """--init starts from the given weights (not fresh ones) with the given config, reports the
+    exact rate of reconstructions beside the graded judge, and refuses a folder that is not an AE."""
+    from typer.testing import CliRunner
+
+    from tapestry.models.vae_cli import app
+
+    base = tmp_path / "base"
+    args = ["--steps", "1", "--batch-size", "2", "--heldout", "2", "--threads", "1", "--quiet"]
+    result = CliRunner().invoke(app, ["train", "--out", str(base), "--resolution", "32", "--latent-channels", "4", *args])
+    assert result.exit_code == 0, result.output
+    tuned = tmp_path / "tuned"
+    # lr 1e-9: one step barely moves the weights, so they must still be the base's
+    result = CliRunner().invoke(app, ["train", "--out", str(tuned), "--init", str(base), "--lr", "1e-9",
+                                      "--seed", "1", *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tuned / "report.json").read_text())
+    assert report["init"] == str(base) and f"--init {base}" in report["command"]
+    assert {"exact", "exact_clean"} <= set(report["heldout"]) and report["gate"]["exact_required"] == 0.95
+    a, b = ToyAutoencoder.from_pretrained(base), ToyAutoencoder.from_pretrained(tuned)
+    assert b.config.latent_channels == 4 and b.config.resolution == 32  # the base's config, not the defaults
+    fresh = ToyAutoencoder(b.config).state_dict()
+    for key, value in b.state_dict().items():
+        assert torch.allclose(value, a.state_dict()[key], atol=1e-6), key
+    assert any(not torch.allclose(v, fresh[k]) for k, v in b.state_dict().items())
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "x"), "--init", str(tmp_path / "nothing"), *args])
+    assert result.exit_code == 2 and "--init" in result.output and "Traceback" not in result.output
+
+
 # ---------------------------------------------------------------- FLUX layout
 # diffusers is a dev dependency: without it these tests fail to import (loudly), never skip
 import diffusers  # noqa: E402
