@@ -365,6 +365,145 @@ def test_published_loader_reports_missing_keys(tmp_path, model):
         convert.load_qwen(tmp_path / "q", model.mllm)
 
 
+def _tied_head(mllm) -> bool:
+    hf = mllm.hf
+    return hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+
+
+def _write_published(model, root):
+    qwen, pipe = root / "Qwen2.5-VL", root / "dit"
+    convert.write_qwen(model.mllm, qwen, shards=2)
+    convert.write_diffusers(model.dit.net, pipe / "transformer")
+    convert.write_diffusers(model.vae.net, pipe / "vae")
+    return qwen, pipe
+
+
+def _qwen_files(qwen) -> dict:
+    """Every tensor of a sharded Qwen folder, by published name (shards read through the index)."""
+    from safetensors.torch import load_file
+
+    index = json.loads((qwen / "model.safetensors.index.json").read_text())["weight_map"]
+    state = {}
+    for file in sorted(set(index.values())):
+        state.update(load_file(str(qwen / file)))
+    assert sorted(state) == sorted(index)
+    return state
+
+
+def _rewrite_shard(qwen, key, change) -> None:
+    """Apply `change(state)` to the shard holding `key` and index the shard's new keys."""
+    from safetensors.torch import load_file, save_file
+
+    path = qwen / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    shard = index["weight_map"][key]
+    state = load_file(str(qwen / shard))
+    change(state)
+    save_file(state, str(qwen / shard))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard} | {k: shard for k in state}
+    path.write_text(json.dumps(index))
+
+
+def test_tied_qwen_folder_has_no_lm_head_and_round_trips_bitwise(tmp_path):
+    """A Qwen2.5-VL-3B-style folder: "tie_word_embeddings": true and no lm_head.weight."""
+    from tapestry.models.duet.config import MLLMConfig
+
+    torch.manual_seed(3)
+    cfg = DuetConfig(mllm=MLLMConfig(tie_word_embeddings=True))
+    model = DuetModel(cfg)
+    assert _tied_head(model.mllm)
+    qwen, pipe = _write_published(model, tmp_path)
+    written = _qwen_files(qwen)
+    assert "lm_head.weight" not in written and "model.embed_tokens.weight" in written  # the published 3B keys
+    assert json.loads((qwen / "config.json").read_text())["tie_word_embeddings"] is True
+    assert convert.qwen_coverage(qwen, model.mllm).ok
+
+    loaded = convert.import_published(qwen, pipe, connector=cfg.connector)
+    assert loaded.config.mllm == cfg.mllm and _tied_head(loaded.mllm)  # the head IS the embedding table
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("connector."))
+    convert.write_qwen(loaded.mllm, tmp_path / "again", shards=2)  # and back: the same tensors, bitwise
+    again = _qwen_files(tmp_path / "again")
+    assert again.keys() == written.keys() and all(torch.equal(again[k], written[k]) for k in written)
+
+
+def test_tie_flag_inside_text_config_ties_the_head(tmp_path):
+    """transformers before 5 saved the flag in text_config; transformers ties on either."""
+    from tapestry.models.duet.config import MLLMConfig
+
+    model = DuetModel(DuetConfig(mllm=MLLMConfig(tie_word_embeddings=True)))
+    qwen, _ = _write_published(model, tmp_path)
+    data = json.loads((qwen / "config.json").read_text())
+    data["text_config"] = {"tie_word_embeddings": data.pop("tie_word_embeddings")}
+    (qwen / "config.json").write_text(json.dumps(data))
+    assert convert.mllm_config_from_qwen(qwen).tie_word_embeddings
+
+
+def test_tied_checkpoint_storing_lm_head_loads_only_when_it_equals_the_embeddings(tmp_path):
+    from tapestry.models.duet.config import MLLMConfig
+    from tapestry.models.duet.mllm import DuetMLLM
+
+    torch.manual_seed(4)
+    model = DuetModel(DuetConfig(mllm=MLLMConfig(tie_word_embeddings=True)))
+    qwen, _ = _write_published(model, tmp_path)
+    embed = model.mllm.hf.model.language_model.embed_tokens.weight.detach().clone()
+    embed_key = "model.embed_tokens.weight"
+    _rewrite_shard(qwen, embed_key, lambda state: state.update({"lm_head.weight": embed.clone()}))  # a redundant copy
+    fresh = DuetMLLM(model.config.mllm)
+    assert convert.qwen_coverage(qwen, fresh).ok
+    convert.load_qwen(qwen, fresh)
+    assert _tied_head(fresh) and torch.equal(fresh.hf.lm_head.weight, embed)
+
+    _rewrite_shard(qwen, embed_key, lambda state: state.update({"lm_head.weight": embed + 1}))  # an untied head
+    with pytest.raises(convert.CheckpointError, match="lm_head.weight differs from"):
+        convert.load_qwen(qwen, DuetMLLM(model.config.mllm))
+
+
+def test_untied_checkpoint_without_lm_head_is_one_clear_line(tmp_path, model):
+    qwen, _ = _write_published(model, tmp_path)
+    assert not model.config.mllm.tie_word_embeddings
+    _rewrite_shard(qwen, "lm_head.weight", lambda state: state.pop("lm_head.weight"))
+    assert convert.qwen_coverage(qwen, model.mllm).missing == ["lm_head.weight"]
+    with pytest.raises(convert.CheckpointError) as err:
+        convert.load_qwen(qwen, copy.deepcopy(model.mllm))
+    message = str(err.value)
+    assert "\n" not in message and "lm_head.weight" in message and '"tie_word_embeddings": true' in message
+
+
+def test_tied_duet_checkpoint_stores_the_head_once_and_stays_tied(tmp_path, tokenizer):
+    """save_pretrained and the export / EMA path (state of a meta skeleton's keys ->
+    from_state_dict) keep one copy of the tied table and a tied model after loading."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from tapestry.models.common.checkpoint import expected_shapes
+
+    recipe = DuetRecipe()
+    recipe = replace(recipe, mllm=replace(recipe.mllm, tie_word_embeddings=True))
+    config = FAMILY.model_config(recipe, tokenizer.vocab_size)
+    torch.manual_seed(6)
+    model = FAMILY.build(config)
+    model.save_pretrained(tmp_path / "m")
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert "mllm.hf.lm_head.weight" not in stored and "mllm.hf.model.language_model.embed_tokens.weight" in stored
+    again = FAMILY.from_pretrained(tmp_path / "m")
+    assert _tied_head(again.mllm)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with torch.device("meta"):
+        skeleton = FAMILY.build(config)
+    keys = set(expected_shapes(skeleton))  # what export.py reads back from a training checkpoint
+    assert "mllm.hf.lm_head.weight" not in keys
+    exported = FAMILY.from_state_dict(config, {k: v for k, v in model.state_dict().items() if k in keys})
+    assert _tied_head(exported.mllm)
+    with torch.no_grad():  # tied for real: a change to the table is a change to the head
+        exported.mllm.hf.model.language_model.embed_tokens.weight[0, 0] += 1.0
+    assert torch.equal(exported.mllm.hf.lm_head.weight, exported.mllm.hf.model.language_model.embed_tokens.weight)
+
+
 # ------------------------------------------------------------------------------------ the glue
 def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
     from tapestry.layout import concat_layouts
@@ -385,7 +524,8 @@ def test_family_layout_prepare_and_loss_over_a_packed_row(model, tokenizer):
     assert {FAMILY.group_of(n) for n, _ in model.named_parameters()} == set(FAMILY.param_groups)
 
 
-def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys):
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys, tied):
     from tokenizers import AddedToken
 
     from tapestry.models.common.tokenizer import QWEN2_SPECIALS, TextTokenizer
@@ -394,7 +534,7 @@ def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys):
     qwen_tok = train_bpe([" ".join(WORDS)] * 4, 300, QWEN2_SPECIALS)
     qwen_tok.backend.add_special_tokens([AddedToken("<|video_pad|>", special=True)])
     torch.manual_seed(2)
-    source = DuetModel(DuetConfig(mllm=MLLMConfig(vocab_size=qwen_tok.vocab_size)))
+    source = DuetModel(DuetConfig(mllm=MLLMConfig(vocab_size=qwen_tok.vocab_size, tie_word_embeddings=tied)))
     qwen = convert.write_qwen(source.mllm, tmp_path / "qwen", shards=2)
     (qwen / "tokenizer.json").write_text(qwen_tok.backend.to_str())  # a Qwen folder: tokenizer.json only
     convert.write_diffusers(source.dit.net, tmp_path / "wan" / "transformer")
@@ -413,6 +553,9 @@ def test_import_folder_builds_a_duet_checkpoint_with_bov(tmp_path, capsys):
     assert emb.shape[0] == qwen_tok.vocab_size + 1
     assert torch.equal(emb[:-1], source.mllm.hf.get_input_embeddings().weight)
     assert torch.equal(model.dit.net.proj_out.weight, source.dit.net.proj_out.weight)
+    head = model.mllm.hf.get_output_embeddings().weight
+    assert model.config.mllm.tie_word_embeddings == tied and (head is emb) == tied  # <BOV> grew the tied table once
+    assert head.shape[0] == emb.shape[0]
 
 
 def test_initialize_loads_the_recipes_pretrained_toy_autoencoder(tmp_path, tokenizer):

@@ -92,3 +92,22 @@ def test_generate_through_pipeline_and_bov_drives_the_image_count(reference, tmp
         out = pipe.generate("How do I draw a red circle?", steps=2, max_new_tokens=6, max_images=2)
         counts[name] = sum(isinstance(s, ImageSegment) for s in out.segments)
     assert counts == {"emits": 2, "never": 0}
+
+
+def test_tied_head_run_exports_one_table_and_loads_tied(tmp_path):
+    """A Qwen2.5-VL-3B-style tied head through train -> export -> Pipeline: the export writes
+    the embedding table once (no lm_head.weight) and the loaded model's head is that table."""
+    from safetensors.torch import load_file
+
+    from tapestry.infer.pipeline import Pipeline
+    from tapestry.train.export import export_checkpoint
+
+    overrides = OVERRIDES + ["stages.0.steps=1", "stages.1.steps=1", "model.mllm.tie_word_embeddings=true"]
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "duet-tiny.toml", overrides), run, quiet=True)
+    export_checkpoint(run, tmp_path / "export", weights="model")
+    stored = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert "mllm.hf.lm_head.weight" not in stored and "mllm.hf.model.language_model.embed_tokens.weight" in stored
+    hf = Pipeline.from_pretrained(tmp_path / "export").engine.runtime.model.mllm.hf
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+    assert torch.equal(hf.lm_head.weight, stored["mllm.hf.model.language_model.embed_tokens.weight"])

@@ -179,6 +179,53 @@ def test_duet_published_key_problems_use_the_published_names(duet_folders, tmp_p
     assert "family: duet" in result.output and "vae/extra.weight" in result.output
 
 
+@pytest.fixture(scope="module")
+def tied_duet_folders(tmp_path_factory):
+    """A tied-head duet model (Qwen2.5-VL-3B style: tie_word_embeddings, no lm_head.weight stored)
+    as a duet checkpoint and as a two-shard published Qwen folder."""
+    from tapestry.models.duet import convert
+    from tapestry.models.duet.config import DuetConfig, MLLMConfig
+    from tapestry.models.duet.model import DuetModel
+
+    root = tmp_path_factory.mktemp("tied")
+    torch.manual_seed(1)
+    model = DuetModel(DuetConfig(mllm=MLLMConfig(tie_word_embeddings=True)))
+    model.save_pretrained(root / "duet")
+    convert.write_qwen(model.mllm, root / "Qwen2.5-VL", shards=2)
+    return root, model
+
+
+def test_tied_qwen_and_duet_folders_are_complete_from_headers(tied_duet_folders, no_tensor_reads):
+    root, model = tied_duet_folders
+    qwen = inspect_checkpoint(root / "Qwen2.5-VL")
+    assert (qwen["layout"], qwen["ok"], qwen["missing"], qwen["unexpected"]) == ("qwen2.5-vl", True, [], []), qwen
+    assert "lm_head" not in qwen["parameters"]["by_component"]
+    assert qwen["parameters"]["total"] == sum(p.numel() for p in model.mllm.parameters())  # the table counted once
+    assert any(n.startswith("lm_head is tied to model.embed_tokens.weight") and "not stored" in n for n in qwen["notes"])
+    duet = inspect_checkpoint(root / "duet")
+    assert (duet["ok"], duet["missing"], duet["unexpected"]) == (True, [], []), duet
+    assert duet["parameters"]["by_component"]["mllm"] == sum(p.numel() for p in model.mllm.parameters())
+
+
+def test_untied_qwen_folder_without_lm_head_says_why_in_one_line(duet_folders, tmp_path):
+    root, _ = duet_folders
+    qwen = tmp_path / "qwen"
+    shutil.copytree(root / "Qwen2.5-VL", qwen)
+    index_path = qwen / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = qwen / index["weight_map"].pop("lm_head.weight")
+    state = load_file(str(shard))
+    del state["lm_head.weight"]
+    save_file(state, str(shard))
+    index_path.write_text(json.dumps(index))
+    report = inspect_checkpoint(qwen)
+    assert not report["ok"] and report["missing"] == ["lm_head.weight"] and not report["unexpected"]
+    hint = [n for n in report["notes"] if "tie_word_embeddings" in n]
+    assert len(hint) == 1 and "\n" not in hint[0] and '"tie_word_embeddings": true' in hint[0]
+    result = CliRunner().invoke(app, [str(qwen)])
+    assert result.exit_code == 1 and hint[0] in result.output
+
+
 def test_mmi_checkpoint_and_published_components_from_headers(tmp_path, no_tensor_reads):
     from test_models_mmi_convert import base_config, write_clip, write_llama, write_sd21
 

@@ -178,6 +178,50 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Later name -> first name of every tensor the model holds under several names (a tied
+    output head: `lm_head.weight` -> `...embed_tokens.weight`); `expected_shapes` keeps the first."""
+    first: dict[int, str] = {}
+    later: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            later[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return later
+
+
+def state_key_report(model: nn.Module, found: dict[str, tuple[int, ...]]) -> KeyReport:
+    """How `found` (name -> shape) covers the model's state. A tied tensor is needed under its
+    first name only; its later name, when a checkpoint stores it too, is checked for shape rather
+    than called unexpected (its values are checked on load: `load_state_copy`)."""
+    expected = expected_shapes(model)
+    state = model.state_dict(keep_vars=True)
+    for later in tied_names(model):
+        if later in found:
+            expected[later] = tuple(state[later].shape)
+    return compare_keys(expected, found)
+
+
+def load_state_copy(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Copy `state` into a materialized model, refusing any key mismatch. A tied tensor may come
+    under its first name alone, or under both names with equal values. Copying keeps the tie;
+    `assign=True` would put a new parameter under the first name and leave the second on the old."""
+    import torch
+
+    report = state_key_report(model, {k: tuple(v.shape) for k, v in state.items()})
+    if not report.ok:
+        raise CheckpointError(f"{source} does not fit the model:\n{report.describe()}")
+    state = dict(state)
+    for later, first in tied_names(model).items():
+        if later in state:
+            if not torch.equal(state[later], state[first]):
+                raise CheckpointError(f"{source}: {later} differs from {first}, which the model ties it to; the "
+                                      "config says tied weights (tie_word_embeddings) but the checkpoint was not")
+            del state[later]  # one copy: the second would overwrite the same tensor
+    model.load_state_dict(state, strict=False)
+
+
 def save_state(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
     """Write the model's persistent state (each tied tensor once) atomically."""
     from safetensors.torch import save_file

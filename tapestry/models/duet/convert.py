@@ -4,7 +4,9 @@
         model-0000K-of-0000N.safetensors + model.safetensors.index.json (or one
         model.safetensors), preprocessor_config.json, tokenizer files. Published key names:
         `model.layers.*`, `model.embed_tokens.*`, `model.norm.*`, `visual.*`, `lm_head.*`
-        (transformers 5 keeps them as `model.language_model.*` and `model.visual.*`).
+        (transformers 5 keeps them as `model.language_model.*` and `model.visual.*`). The small
+        models (Qwen2.5-VL-3B) set `"tie_word_embeddings": true` and store no `lm_head.weight`:
+        the head is the input embedding table.
     diffusers (Wan2.x, Cosmos-Predict2.5):  model_index.json, transformer/ and vae/ each with
         config.json + diffusion_pytorch_model.safetensors (or -0000K-of-0000N shards +
         diffusion_pytorch_model.safetensors.index.json).
@@ -23,7 +25,15 @@ from typing import Any
 
 from torch import Tensor
 
-from tapestry.models.common.checkpoint import CheckpointError, KeyReport, compare_keys, read_header
+from tapestry.models.common.checkpoint import (
+    CheckpointError,
+    KeyReport,
+    compare_keys,
+    expected_shapes,
+    load_state_copy,
+    read_header,
+    state_key_report,
+)
 from tapestry.models.duet.config import DiTConfig, MLLMConfig, VAEConfig
 
 QWEN_INDEX = "model.safetensors.index.json"
@@ -127,7 +137,8 @@ def mllm_config_from_qwen(folder: str | Path) -> MLLMConfig:
             rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
             mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            # transformers before 5 saved it inside text_config; either place ties the head
+            tie_word_embeddings=bool(data.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
             vision_depth=int(vision["depth"]), vision_hidden_size=int(vision["hidden_size"]),
             vision_intermediate_size=int(vision["intermediate_size"]), vision_num_heads=int(vision["num_heads"]),
             patch_size=int(vision.get("patch_size", vision.get("spatial_patch_size", 14))),
@@ -179,22 +190,39 @@ def qwen_config_json(cfg: MLLMConfig) -> dict[str, Any]:
     }
 
 
+def qwen_key_report(shapes: dict[str, tuple[int, ...]], mllm) -> KeyReport:
+    """How tensors of a Qwen2.5-VL checkpoint (published or transformers-5 names -> shapes) cover
+    a DuetMLLM, in its internal names. A tied head needs no `lm_head.weight`."""
+    return state_key_report(mllm.hf, {qwen_key_to_internal(k): tuple(v) for k, v in shapes.items()})
+
+
 def qwen_coverage(folder: str | Path, mllm) -> KeyReport:
     """How a published Qwen2.5-VL folder's keys (headers only) cover a DuetMLLM."""
     files = _weight_files(Path(folder), QWEN_SINGLE, QWEN_INDEX)
-    found = {qwen_key_to_internal(k): v for k, v in _headers(files).items()}
-    expected = {k: tuple(v.shape) for k, v in mllm.hf.state_dict().items()}
-    return compare_keys(expected, found)
+    return qwen_key_report(_headers(files), mllm)
+
+
+def untied_head_missing(folder: str | Path, mllm, report: KeyReport) -> str | None:
+    """The one line that explains a checkpoint whose only gap is `lm_head.weight` under an untied
+    config (a 3B-style tied checkpoint whose config.json lost the flag, or a cut-short copy)."""
+    if mllm.config.tie_word_embeddings or report.unexpected or report.shape_mismatch or \
+            report.missing != ["lm_head.weight"]:
+        return None
+    return (f"{Path(folder)}: no lm_head.weight in the weights and config.json does not tie the head "
+            "(tie_word_embeddings is false or absent); if this model reuses model.embed_tokens.weight as its "
+            "head, as Qwen2.5-VL-3B does, set \"tie_word_embeddings\": true, otherwise copy the checkpoint again")
 
 
 def load_qwen(folder: str | Path, mllm) -> None:
-    """Fill a DuetMLLM (built from mllm_config_from_qwen) with a published checkpoint; strict."""
+    """Fill a DuetMLLM (built from mllm_config_from_qwen) with a published checkpoint; strict (a
+    tied head is filled through the embedding table it shares)."""
     folder = Path(folder)
     report = qwen_coverage(folder, mllm)
     if not report.ok:
-        raise CheckpointError(f"{folder}: checkpoint does not fit Qwen2.5-VL of its config.json\n{report.describe()}")
+        raise CheckpointError(untied_head_missing(folder, mllm, report) or
+                              f"{folder}: checkpoint does not fit Qwen2.5-VL of its config.json\n{report.describe()}")
     state = _load_tensors(_weight_files(folder, QWEN_SINGLE, QWEN_INDEX), qwen_key_to_internal)
-    mllm.hf.load_state_dict(state, strict=True)
+    load_state_copy(mllm.hf, state, str(folder))
 
 
 def write_qwen(mllm, folder: str | Path, shards: int = 1) -> Path:
@@ -205,7 +233,10 @@ def write_qwen(mllm, folder: str | Path, shards: int = 1) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {qwen_key_to_published(k): v.detach().contiguous().cpu() for k, v in mllm.hf.state_dict().items()}
+    # each tied tensor once: a tied head is not stored (the published 3B files hold no lm_head.weight)
+    keep = set(expected_shapes(mllm.hf))
+    state = {qwen_key_to_published(k): v.detach().contiguous().cpu() for k, v in mllm.hf.state_dict().items()
+             if k in keep}
     names = sorted(state)
     if shards <= 1:
         save_file(state, str(folder / QWEN_SINGLE), metadata={"format": "pt"})
@@ -401,9 +432,11 @@ def coverage_lines(qwen_dir: str | Path, diffusers_dir: str | Path) -> list[str]
     vae_cfg = vae_config_from_diffusers(diffusers_dir / "vae")
     with torch.device("meta"):
         mllm, dit, vae = DuetMLLM(mllm_cfg), build_diffusers_dit(dit_cfg), build_vae(vae_cfg, load_pretrained=False)
+    qwen_report = qwen_coverage(qwen_dir, mllm)
     reports = [
         (f"qwen2.5-vl {qwen_dir}: {mllm_cfg.num_layers} layers, hidden {mllm_cfg.hidden_size}, "
-         f"vocab {mllm_cfg.vocab_size}", qwen_coverage(qwen_dir, mllm)),
+         f"vocab {mllm_cfg.vocab_size}{', lm_head tied to embed_tokens' if mllm_cfg.tie_word_embeddings else ''}",
+         qwen_report),
         (f"transformer {diffusers_dir / 'transformer'}: {dit_cfg.kind}, {dit_cfg.num_layers} layers, width "
          f"{dit_cfg.inner_dim}, text context {dit_cfg.context_dim}", diffusers_coverage(diffusers_dir / "transformer", dit)),
         (f"vae {diffusers_dir / 'vae'}: {vae_cfg.kind}, {vae.latent_channels} latent channels, x{vae.downsample}",
@@ -416,6 +449,9 @@ def coverage_lines(qwen_dir: str | Path, diffusers_dir: str | Path) -> list[str]
                      f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} shape mismatch)")
         if not report.ok:
             lines.extend("  " + line for line in report.describe().splitlines())
+    hint = untied_head_missing(qwen_dir, mllm, qwen_report)
+    if hint:
+        lines.insert(2, "  " + hint)
     return lines
 
 

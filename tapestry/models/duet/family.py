@@ -155,14 +155,7 @@ class DuetFamily:
         return DuetModel.from_pretrained(folder, device)
 
     def from_state_dict(self, config: DuetConfig, state: dict[str, Tensor], source: str = "<state dict>") -> DuetModel:
-        from tapestry.models.duet.config import DuetConfigError
-
-        model = DuetModel(config, load_pretrained=False)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DuetConfigError(f"{source}: {len(missing)} missing key(s) (e.g. {missing[:3]}), "
-                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        return model
+        return DuetModel.from_state_dict(config, state, source)
 
     def layout_config(self, config: DuetConfig, downsample: int = 0, **choices):
         from dataclasses import fields

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.errors import TapestryError
-from tapestry.models.common.checkpoint import CheckpointError, compare_keys, read_header
+from tapestry.models.common.checkpoint import CheckpointError, KeyReport, compare_keys, read_header, state_key_report
 from tapestry.models.inspection import add_header, json_object, add_keys, config_summary, finish, new_report, other_files
 
 _DIT_CLASSES = ("WanTransformer3DModel", "CosmosTransformer3DModel")
@@ -88,8 +88,7 @@ def _duet_checkpoint(folder: Path, report: dict[str, Any]) -> None:
     add_header(report, header, lambda key: key.split(".", 1)[0])  # the parameter groups
     with torch.device("meta"):
         model = DuetModel(config, load_pretrained=False)
-    add_keys(report, compare_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                  {k: v.shape for k, v in header.items()}))
+    add_keys(report, state_key_report(model, {k: v.shape for k, v in header.items()}))  # a tied head: stored once
     report["config"] = config_summary(config)
     m, c, d = config.mllm, config.connector, config.dit
     report["summary"] = [
@@ -110,8 +109,9 @@ def _qwen(folder: Path, report: dict[str, Any]) -> None:
         QWEN_SINGLE,
         _weight_files,
         mllm_config_from_qwen,
-        qwen_key_to_internal,
+        qwen_key_report,
         qwen_key_to_published,
+        untied_head_missing,
     )
     from tapestry.models.duet.mllm import DuetMLLM
 
@@ -125,9 +125,17 @@ def _qwen(folder: Path, report: dict[str, Any]) -> None:
     add_header(report, header, component)
     with torch.device("meta"):
         mllm = DuetMLLM(config)
-    expected = {qwen_key_to_published(k): tuple(v.shape) for k, v in mllm.hf.state_dict().items()}
-    found = {qwen_key_to_published(qwen_key_to_internal(k)): v.shape for k, v in header.items()}
-    add_keys(report, compare_keys(expected, found))
+    keys = qwen_key_report({k: v.shape for k, v in header.items()}, mllm)
+    hint = untied_head_missing(folder, mllm, keys)
+    if hint:
+        report["notes"].append(hint)
+    if config.tie_word_embeddings:
+        report["notes"].append("lm_head is tied to model.embed_tokens.weight (tie_word_embeddings): " +
+                               ("stored too; loading checks the two are equal" if "lm_head.weight" in header
+                                else "not stored, as the published tied checkpoints do"))
+    published = qwen_key_to_published
+    add_keys(report, KeyReport(sorted(map(published, keys.missing)), sorted(map(published, keys.unexpected)),
+                               [{**m, "key": published(m["key"])} for m in keys.shape_mismatch]))
     report["config"] = {"mllm": asdict(config)}
     report["summary"] = [
         f"qwen2.5-vl: {config.num_layers} layers, hidden {config.hidden_size}, heads {config.num_heads}/"

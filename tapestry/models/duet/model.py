@@ -196,16 +196,14 @@ class DuetModel(nn.Module):
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         from tapestry.atomic import atomic_write_text
+        from tapestry.models.common.checkpoint import save_state
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "family": "duet"})
-        tmp.replace(folder / WEIGHTS_NAME)
+        # each tied tensor once (a tied lm_head is the embedding table): safetensors refuses shared
+        # storage, and one copy is what from_pretrained re-ties
+        save_state(folder / WEIGHTS_NAME, self, metadata={"format": "pt", "family": "duet"})
         atomic_write_text(folder / CONFIG_NAME, self.config.to_json())
         return folder
 
@@ -219,13 +217,17 @@ class DuetModel(nn.Module):
         weights = folder / WEIGHTS_NAME
         if not weights.is_file():
             raise DuetConfigError(f"{folder}: no {WEIGHTS_NAME} beside config.json")
-        model = cls(config, load_pretrained=False)  # every weight, the VAE's too, is in the file
-        state = load_safetensors(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DuetConfigError(f"{weights}: {len(missing)} missing key(s) (e.g. {missing[:3]}), "
-                                  f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        return model.to(device)
+        return cls.from_state_dict(config, load_safetensors(weights), str(weights)).to(device)
+
+    @classmethod
+    def from_state_dict(cls, config: DuetConfig, state: dict[str, Tensor], source: str = "<state dict>") -> DuetModel:
+        """Built with fresh weights, then `state` copied in (every weight, the VAE's too); strict,
+        and a tied head is filled through the embedding table it shares."""
+        from tapestry.models.common.checkpoint import load_state_copy
+
+        model = cls(config, load_pretrained=False)
+        load_state_copy(model, state, source)
+        return model
 
 
 def config_summary(model: DuetModel) -> str:
