@@ -216,8 +216,8 @@ def load_state_copy(model: nn.Module, state: dict[str, Tensor], source: str) -> 
     for later, first in tied_names(model).items():
         if later in state:
             if not torch.equal(state[later], state[first]):
-                raise CheckpointError(f"{source}: {later} differs from {first}, which the model ties it to; the "
-                                      "config says tied weights (tie_word_embeddings) but the checkpoint was not")
+                raise CheckpointError(f"{source}: {later} differs from {first}, which the model ties it to "
+                                      "(tie_word_embeddings in its config); two different tensors need an untied config")
             del state[later]  # one copy: the second would overwrite the same tensor
     model.load_state_dict(state, strict=False)
 
