@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tapestry.document import Document, ImageSegment, TextSegment
 from tapestry.infer.batching import BatchingRuntime, with_step_batching
@@ -73,6 +74,37 @@ def test_mot_append_text_batch_equals_each_request_alone(pipeline):
         for a, b in zip(alone, together):
             assert a.cache.length == b.cache.length and a.next_position == b.next_position
             assert a.length == b.length
+            for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
+                torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+        # each cache was cut back to its own tokens: the next step alone still matches
+        for ctx in alone + together:
+            runtime.append_text(ctx, [tok.boi_id])
+        for a, b in zip(alone, together):
+            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+
+
+def test_mot_append_image_batch_equals_each_request_alone(pipeline):
+    runtime, tok = pipeline.engine.runtime, pipeline.engine.tokenizer
+    drawn = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+             for i in range(4)]
+    with torch.inference_mode():
+        contexts = [_open(runtime, tok, pipeline.document(p)) for p in PROMPTS]  # caches of 4 lengths
+        contexts.append(runtime.prefill(pipeline.document(PROMPTS[0])))  # a given image: no begin_image
+        images = drawn + [drawn[0]]
+        roles = ["target"] * 4 + ["context"]
+        alone, together = copy.deepcopy(contexts), copy.deepcopy(contexts)
+        for ctx, image, role in zip(alone, images, roles):
+            runtime.append_image(ctx, image, role)
+        encoded = [runtime.encode_image(ctx, image, role) for ctx, image, role in zip(together, images, roles)]
+        assert all(a.cache.length == b.cache.length for a, b in zip(contexts, together))  # encoding changes nothing
+        runtime.append_image_batch(list(zip(together, images, roles, encoded)))
+        for a, b in zip(alone, together):
+            assert a.cache.length == b.cache.length and a.next_position == b.next_position
+            assert a.image_position is None and b.image_position is None
+            assert [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in a.blocks] == \
+                [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in b.blocks]
             for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
                 torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)

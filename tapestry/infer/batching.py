@@ -9,11 +9,18 @@ pending, one of the threads hands them all to the family at once, the text steps
 shapes allow as one forward (mot: caches right-padded into one batch, padding masked, then cut
 back per request) and gives each generation its own answer; the threads go on.
 
-The other calls (a prefill, a finished image joining, decoding an image) run in their own thread
-as they would alone, one at a time (next to the batched step that runs meanwhile): sixteen of
-them at once fought over the GIL and made a 3.5 ms prefill take 70 ms (profiled on the default
-checkpoint). While one runs or waits its turn, its generation is "busy" and the others do not
-wait for it.
+A finished image joining its context is split in two where the family allows it
+(`encode_image`, then `append_image_batch`): the encoders' convolutions (ViT, VAE encode) run
+apart, and the forward that adds the image's tokens to the cache is a step like the others, so
+the images that several generations finish together join in one forward. (mot: that forward
+and its end marker were 8.5 of a finished image's 30 ms of work apart, profiled on the default
+checkpoint; the convolutions and the decode cost as much per image at batch 16 as alone.)
+
+The other calls (a prefill, decoding an image, the encoders above, a family's whole
+`append_image` when it does not split it) run in their own thread as they would alone, one at a
+time (next to the batched step that runs meanwhile): sixteen of them at once fought over the GIL
+and made a 3.5 ms prefill take 70 ms (profiled on the default checkpoint). While one runs or
+waits its turn, its generation is "busy" and the others do not wait for it.
 If a generation is neither pending nor busy (between two calls, in the engine's own code) the
 others wait for it at most `max_wait_s` after the last step joined, then run without it.
 
@@ -36,8 +43,8 @@ from tapestry.models.family import OneByOne
 
 @dataclass(eq=False)
 class _Step:
-    kind: str  # "text" | "denoise"
-    args: tuple  # text: (context, ids); denoise: (contexts, x, t, batched)
+    kind: str  # "text" | "denoise" | "image"
+    args: tuple  # text: (context, ids); denoise: (contexts, x, t, batched); image: (context, image, role, encoded)
     result: Any = None
     error: BaseException | None = None
     done: bool = False
@@ -116,8 +123,13 @@ class BatchingRuntime:
             return self.runtime.prefill(doc, recompute)
 
     def append_image(self, context, image, role: str) -> None:
-        with self._alone():
-            self.runtime.append_image(context, image, role)
+        if not self._member() or not self._joins_images_in_batches():
+            with self._alone():
+                self.runtime.append_image(context, image, role)
+            return
+        with self._alone():  # the encoders' convolutions: apart, next to the batched steps
+            encoded = self.runtime.encode_image(context, image, role)
+        self._step(_Step("image", (context, image, role, encoded)))
 
     def decode(self, x, size):
         with self._alone():
@@ -147,6 +159,11 @@ class BatchingRuntime:
 
     def denoise_batch(self, items, batched: bool = True):
         return self._batch_method("denoise_batch")(items, batched)
+
+    def _joins_images_in_batches(self) -> bool:
+        """Whether the family splits `append_image` into `encode_image` and `append_image_batch`
+        (optional: without them a finished image joins in its own thread, as it would alone)."""
+        return all(callable(getattr(self.runtime, name, None)) for name in ("encode_image", "append_image_batch"))
 
     # ------------------------------------------------------------------- the gathering
     def _step(self, step: _Step):
@@ -188,6 +205,8 @@ class BatchingRuntime:
             try:
                 if key[0] == "text":
                     self._batch_method("append_text_batch")([s.args for s in group])
+                elif key[0] == "image":
+                    self.runtime.append_image_batch([s.args for s in group])
                 else:
                     results = self._batch_method("denoise_batch")([s.args[:3] for s in group], key[1])
                     for s, r in zip(group, results, strict=True):
