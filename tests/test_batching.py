@@ -6,10 +6,12 @@ bitwise as alone."""
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tapestry.document import Document, ImageSegment, TextSegment
 from tapestry.infer.batching import BatchingRuntime, with_step_batching
@@ -84,6 +86,37 @@ def test_mot_append_text_batch_equals_each_request_alone(pipeline):
             torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
 
 
+def test_mot_append_image_batch_equals_each_request_alone(pipeline):
+    runtime, tok = pipeline.engine.runtime, pipeline.engine.tokenizer
+    drawn = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+             for i in range(4)]
+    with torch.inference_mode():
+        contexts = [_open(runtime, tok, pipeline.document(p)) for p in PROMPTS]  # caches of 4 lengths
+        contexts.append(runtime.prefill(pipeline.document(PROMPTS[0])))  # a given image: no begin_image
+        images = drawn + [drawn[0]]
+        roles = ["target"] * 4 + ["context"]
+        alone, together = copy.deepcopy(contexts), copy.deepcopy(contexts)
+        for ctx, image, role in zip(alone, images, roles):
+            runtime.append_image(ctx, image, role)
+        encoded = [runtime.encode_image(ctx, image, role) for ctx, image, role in zip(together, images, roles)]
+        assert all(a.cache.length == b.cache.length for a, b in zip(contexts, together))  # encoding changes nothing
+        runtime.append_image_batch(list(zip(together, images, roles, encoded)))
+        for a, b in zip(alone, together):
+            assert a.cache.length == b.cache.length and a.next_position == b.next_position
+            assert a.image_position is None and b.image_position is None
+            assert [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in a.blocks] == \
+                [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in b.blocks]
+            for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
+                torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+        # each cache was cut back to its own tokens: the next step alone still matches
+        for ctx in alone + together:
+            runtime.append_text(ctx, [tok.boi_id])
+        for a, b in zip(alone, together):
+            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+
+
 def _concurrently(batched_pipeline, batcher, jobs):
     results = [None] * len(jobs)
     errors = []
@@ -113,7 +146,11 @@ def test_concurrent_generations_with_guidance_equal_alone(pipeline):
     together = _concurrently(batched, batcher, jobs)
     assert batcher.stats.rows > batcher.stats.forwards  # steps of several requests shared calls
     assert max(batcher.stats.sizes) >= 2
-    for want, got in zip(alone, together):
+    _assert_like_alone(alone, together)
+
+
+def _assert_like_alone(alone, together):
+    for want, got in zip(alone, together, strict=True):
         assert [s.text for s in got.segments if s.type == "text"] == [s.text for s in want.segments if s.type == "text"]
         images = [(a.image, b.image) for a, b in zip(want.segments, got.segments) if a.type == "image"]
         assert images and len(got.segments) == len(want.segments)
@@ -122,6 +159,72 @@ def test_concurrent_generations_with_guidance_equal_alone(pipeline):
             # a batched matmul rounds differently in the last float bit; through uint8 that is at
             # most one grey level on a few pixels
             assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+
+
+def test_finished_images_joining_through_the_batched_steps_equal_alone(pipeline):
+    # the join forward goes to the batched steps when others wait their turn apart: here always
+    jobs = [(PROMPTS[i], {"seed": 5 + i, "steps": 3, "guidance": "cfg" if i % 2 else "none"}) for i in range(4)]
+    alone = [pipeline.generate(p, **o) for p, o in jobs]
+    batched, batcher = with_step_batching(pipeline, max_wait_s=0.05)
+    batcher._room_apart = lambda: False
+    together = _concurrently(batched, batcher, jobs)
+    drawn = sum(s.type == "image" for doc in together for s in doc.segments)
+    assert batcher.stats.kinds["image"] == drawn >= len(jobs)
+    _assert_like_alone(alone, together)
+
+
+def test_every_batch_starts_when_complete_never_by_waiting(pipeline):
+    """Whoever completes a batch — the last step to join, a generation going busy or ending —
+    starts it: with a wait of a minute, no batch ever waits it out (a missed wake-up would)."""
+    jobs = [(PROMPTS[i], {"seed": 7 + i, "steps": 3}) for i in range(3)]
+    batched, batcher = with_step_batching(pipeline, max_wait_s=60.0)
+    _concurrently(batched, batcher, jobs)
+    assert batcher.stats.forwards > 0 and batcher.stats.timeouts == 0
+
+
+@pytest.mark.parametrize("how", ["goes busy", "ends"])
+def test_a_generation_that_stops_being_waited_for_starts_the_others_batch(how):
+    """A step waits for the generations between two calls; when the last of them goes busy (a
+    decode) or ends, the waiting step runs at once, not when the wait runs out."""
+
+    class Stub:  # only what the two calls below need; the batch methods fall back to one by one
+        release = threading.Event()
+
+        def denoise(self, contexts, x, t, batched=True):
+            return {"cond": x}
+
+        def decode(self, x, size):
+            self.release.wait(30)
+            return x
+
+    stub = Stub()
+    batcher = BatchingRuntime(stub, max_wait_s=60.0)
+    b_inside, a_done = threading.Event(), threading.Event()
+
+    def a():
+        with batcher.session():
+            b_inside.wait(10)
+            batcher.denoise({"cond": None}, torch.zeros(1), torch.tensor(0.5))
+        a_done.set()
+
+    def b():
+        with batcher.session():
+            b_inside.set()
+            while not batcher._pending:  # a's step waits for this generation
+                time.sleep(0.01)
+            if how == "goes busy":
+                batcher.decode(torch.zeros(1), (1, 1))
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    try:
+        assert a_done.wait(20), "the waiting step ran only when its wait ran out"
+    finally:
+        stub.release.set()
+        for t in threads:
+            t.join()
+    assert batcher.stats.timeouts == 0 and batcher.stats.rows == 1
 
 
 # ------------------------------------------------------------------ families without a batched path

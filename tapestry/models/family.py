@@ -164,6 +164,15 @@ class Runtime(Protocol):
                                            # items: [(contexts, x, t)], several generations'
                                            # denoise at once, one answer per item
 
+    Optional, as a pair (a family without them has each finished image join in its own thread):
+
+        encode_image(context, image, role) -> encoded
+                                           # the encoders' share of append_image (ViT, VAE
+                                           # encode, ...): reads the context, changes nothing
+        append_image_batch(items)          # items: [(context, image, role, encoded)], several
+                                           # generations' append_image at once, with their
+                                           # encode_image results
+
     Each item must come out as its own call alone would (up to the last-bit rounding of a
     batched matmul): each generation keeps its own contexts. A family batches the items whose
     shapes allow one forward and may run the rest one by one; `OneByOne` below is the

@@ -245,8 +245,10 @@ class MoTRuntime:
         embeds = self.model.embed_text(ids_tensor[None].to(self.model.device))[0]
         return Block(embeds, torch.full((len(ids),), UND), ctx.take_positions(len(ids)), "causal")
 
-    def _image_block(self, image: Image.Image, role: str, position: int) -> Block:
-        """The clean tokens of a finished image: exactly what layout_document puts there."""
+    def encode_image(self, ctx: Context | None, image: Image.Image, role: str) -> tuple[Tensor, Tensor]:
+        """The clean tokens of a finished image, exactly what layout_document puts there:
+        embeddings [n, D] and experts [n]. The encoders' share of `append_image` (ViT, VAE
+        encode); the context is only read, so this may run apart from the forward that joins."""
         height, width = image.height, image.width
         parts, experts = [], []
         for kind in clean_token_kinds(role, self.layout):
@@ -263,8 +265,12 @@ class MoTRuntime:
                 tokens = self.model.embed_latents(latents, torch.zeros(1, device=self.model.device))[0]
                 experts.append(torch.full((tokens.shape[0],), GEN))
             parts.append(tokens)
-        embeds = torch.cat(parts)
-        return Block(embeds, torch.cat(experts), torch.full((embeds.shape[0],), position), "full")
+        return torch.cat(parts), torch.cat(experts)
+
+    def _image_block(self, image: Image.Image, role: str, position: int,
+                     encoded: tuple[Tensor, Tensor] | None = None) -> Block:
+        embeds, experts = encoded if encoded is not None else self.encode_image(None, image, role)
+        return Block(embeds, experts, torch.full((embeds.shape[0],), position), "full")
 
     # -- the protocol ------------------------------------------------------------------------
     def prefill(self, doc, recompute: bool = False) -> Context:
@@ -293,12 +299,13 @@ class MoTRuntime:
         # every token of an image shares one position id: its noise steps and its clean copy
         ctx.image_position = ctx.take_image_position()
 
-    def append_image(self, ctx: Context, image: Image.Image, role: str) -> None:
+    def append_image(self, ctx: Context, image: Image.Image, role: str,
+                     encoded: tuple[Tensor, Tensor] | None = None) -> None:
         if ctx.image_position is None:  # a given image, whole
             self.append_text(ctx, [self.tokenizer.boi_id])
-            ctx.append(self._image_block(image, role, ctx.take_image_position()))
+            ctx.append(self._image_block(image, role, ctx.take_image_position(), encoded))
         else:  # the image just drawn, at the position its noise had
-            ctx.append(self._image_block(image, role, ctx.image_position))
+            ctx.append(self._image_block(image, role, ctx.image_position, encoded))
             ctx.image_position = None
         self.append_text(ctx, [self.tokenizer.eoi_id])
 
@@ -344,32 +351,60 @@ class MoTRuntime:
     # -- batching across requests (tapestry.infer.batching) -----------------------------------
     def append_text_batch(self, items: list[tuple[Context, list[int]]]) -> None:
         """Several generations' text steps: those adding the same number of tokens to a cache run
-        as one forward over their caches right-padded into one batch (`KVCache.batch`, padding
-        hidden by `batched_step_mask`); each cache is then cut back to its own tokens."""
-        groups: dict[int, list[tuple[Context, list[int]]]] = {}
+        as one forward (`_append_blocks`)."""
+        joining = []
         for ctx, ids in items:
             if ctx.recompute or not ctx.cache.keys or not ids:
                 self.append_text(ctx, ids)
             else:
-                groups.setdefault(len(ids), []).append((ctx, ids))
-        for n, group in groups.items():
-            if len(group) == 1:
-                self.append_text(*group[0])
+                joining.append((ctx, self._text_block(ctx, ids)))
+        for (ctx, _), hidden in zip(joining, self._append_blocks(joining), strict=True):
+            ctx.last_hidden = hidden
+
+    def append_image_batch(self, items: list[tuple[Context, Image.Image, str, tuple[Tensor, Tensor] | None]]) -> None:
+        """Several generations' finished images joining their contexts, each with its tokens from
+        `encode_image` (run beforehand, apart: the encoders' convolutions gain nothing from a
+        batch). Images just drawn join in one forward per token count, then their end markers in
+        one text step; a given image (no `begin_image`) joins as `append_image` would alone."""
+        joining = []
+        for ctx, image, role, encoded in items:
+            if ctx.recompute or not ctx.cache.keys or ctx.image_position is None:
+                self.append_image(ctx, image, role, encoded)
+            else:
+                joining.append((ctx, self._image_block(image, role, ctx.image_position, encoded)))
+                ctx.image_position = None
+        self._append_blocks(joining)
+        self.append_text_batch([(ctx, [self.tokenizer.eoi_id]) for ctx, _ in joining])
+
+    def _append_blocks(self, items: list[tuple[Context, Block]]) -> list[Tensor]:
+        """Clean blocks joining several caches: blocks of one length and mode run as one forward
+        over their caches right-padded into one batch (`KVCache.batch`, padding hidden by
+        `batched_step_mask`); each cache is then cut back to its own tokens. A block with no
+        partner runs as `Context.append` alone. Returns each block's final states [n, D]."""
+        out: list[Tensor | None] = [None] * len(items)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, (_, block) in enumerate(items):
+            groups.setdefault((block.embeds.shape[0], block.mode), []).append(i)
+        for (n, mode), members in groups.items():
+            if len(members) == 1:
+                ctx, block = items[members[0]]
+                out[members[0]] = ctx.append(block)
                 continue
-            b = len(group)
-            embeds = self.model.embed_text(torch.tensor([ids for _, ids in group]).to(self.model.device))  # [B, n, D]
-            positions = torch.stack([ctx.take_positions(n) for ctx, _ in group])  # [B, n]
-            expert = torch.full((b, n), UND)
+            group = [items[i] for i in members]
+            embeds = torch.stack([block.embeds for _, block in group])  # [B, n, D]
+            expert = torch.stack([block.expert for _, block in group])  # [B, n]
+            positions = torch.stack([block.positions for _, block in group])  # [B, n]
             cache, lengths = KVCache.batch([ctx.cache for ctx, _ in group])
-            mask = batched_step_mask([step_mask(c, n, "causal") for c in lengths], lengths)  # [B, n, C_max + n]
+            mask = batched_step_mask([step_mask(c, n, mode) for c in lengths], lengths)  # [B, n, C_max + n]
             hidden = self.model(embeds, expert, positions, mask, cache=cache, update_cache=True)  # [B, n, D]
             longest = max(lengths)
-            for row, (ctx, _) in enumerate(group):
+            for row, (i, (ctx, block)) in enumerate(zip(members, group)):
                 keep = torch.cat([torch.arange(lengths[row]), torch.arange(longest, longest + n)])
                 for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):  # [B, H_kv, C_max + n, hd]
                     ctx.cache.store(layer, keys[row:row + 1, :, keep], values[row:row + 1, :, keep])
-                ctx.blocks.append(Block(embeds[row], expert[row], positions[row], "causal"))
-                ctx.last_hidden = hidden[row]
+                ctx.blocks.append(block)
+                out[i] = hidden[row]
+        return out
 
     def denoise_batch(self, items: list[tuple[dict[str, Context], Tensor, Tensor]],
                       batched: bool = True) -> list[dict[str, Tensor]]:

@@ -198,8 +198,19 @@ class Decoder(nn.Module):
             for block in level.blocks:
                 h = block(h)
             if level.up is not None:
-                h = level.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = level.up(_nearest_x2(h))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _nearest_x2(h: Tensor) -> Tensor:
+    """Nearest ×2 upsampling, [B, C, h, w] -> [B, C, 2h, 2w]: at inference the same values as
+    `F.interpolate(h, scale_factor=2, mode="nearest")` (a copy, no arithmetic) in a third of its
+    time on CPU, where that kernel took 1.8 of the decoder's 15 ms per 64-pixel image. Training
+    keeps `F.interpolate`, whose backward sums each 2×2 gradient in its own order."""
+    if h.requires_grad:
+        return F.interpolate(h, scale_factor=2.0, mode="nearest")
+    b, c, height, width = h.shape
+    return h[:, :, :, None, :, None].expand(b, c, height, 2, width, 2).reshape(b, c, 2 * height, 2 * width)
 
 
 class ToyAutoencoder(nn.Module):
