@@ -7,8 +7,9 @@ default checkpoint is retrained (tapestry/assets/default): then record the new v
 
     PYTHONPATH=. python tests/test_golden.py
 
-and paste them into DEFAULT_GOLDEN (the one place the default's outputs are pinned) — and say
-in the commit that the checkpoint changed. LOSS_CURVE_GOLDEN depends only on code, never on the
+and paste them into DEFAULT_GOLDEN (the one place the default's outputs are pinned; the same
+command rewrites the PNGs and texts under tests/golden/default that other CPUs are compared
+with) — and say in the commit that the checkpoint changed. LOSS_CURVE_GOLDEN depends only on code, never on the
 shipped checkpoint.
 """
 
@@ -114,9 +115,68 @@ def loss_curve(run_dir: Path) -> list[str]:
     return [float(json.loads(line)["loss"]).hex() for line in lines]
 
 
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "default"
+
+
+def default_documents() -> dict:
+    from tapestry.infer.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained("default")
+    return {name: pipe.generate(prompt, images=[Image.open(EXAMPLE / f) for f in images], seed=0, **options)
+            for name, (prompt, images, options) in CASES.items()}
+
+
+def target_outputs(doc) -> tuple[list[str], list]:
+    import numpy as np
+
+    texts = [s.text for s in doc.segments if s.role == "target" and getattr(s, "image", None) is None]
+    images = [np.asarray(s.image.convert("RGB"), dtype=np.int16) for s in doc.segments
+              if s.role == "target" and getattr(s, "image", None) is not None]
+    return texts, images
+
+
+def record_golden_outputs() -> None:
+    """Write the default's outputs of every case under tests/golden/default (PNG + text)."""
+    import json
+
+    for name, doc in default_documents().items():
+        folder = GOLDEN_DIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        texts, images = target_outputs(doc)
+        (folder / "text.json").write_text(json.dumps(texts) + "\n", encoding="utf-8")
+        for old in folder.glob("*.png"):
+            old.unlink()
+        for i, seg in enumerate(s for s in doc.segments if s.role == "target" and getattr(s, "image", None) is not None):
+            seg.image.save(folder / f"{i}.png")
+
+
 @pytest.mark.slow
 def test_default_outputs_for_the_readme_prompts_are_pinned():
-    assert default_digests() == DEFAULT_GOLDEN
+    """Bit for bit where the CPU computes as the recording machine did (DEFAULT_GOLDEN);
+    otherwise the same text and images within float-rounding distance of the recorded PNGs.
+
+    Why two levels: oneDNN/MKL pick kernels by CPU (AVX2 vs AVX-512, AMD vs Intel), and their
+    last-bit rounding differs; 20 guided denoising steps turn that into a grey level here and
+    there (measured 2026-12-02: the same commit gave other digests for two of the four cases on
+    an AMD EPYC host than on the host that recorded them). A retrained default or a changed
+    sampler moves images by far more (a new seed: mean |Δ| ≈ 9 levels)."""
+    import json
+
+    import numpy as np
+
+    docs = default_documents()
+    if {name: generated_digest(doc) for name, doc in docs.items()} == DEFAULT_GOLDEN:
+        return
+    for name, doc in docs.items():
+        folder = GOLDEN_DIR / name
+        texts, images = target_outputs(doc)
+        assert texts == json.loads((folder / "text.json").read_text(encoding="utf-8")), name
+        expected = sorted(folder.glob("*.png"), key=lambda p: int(p.stem))
+        assert len(images) == len(expected), name
+        for got, path in zip(images, expected):
+            want = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+            diff = np.abs(got - want)
+            assert diff.mean() < 0.5 and (diff > 8).mean() < 0.01, (name, path.name, float(diff.mean()))
 
 
 @pytest.mark.slow
@@ -128,5 +188,6 @@ if __name__ == "__main__":
     import tempfile
 
     print("DEFAULT_GOLDEN =", default_digests())
+    record_golden_outputs()
     with tempfile.TemporaryDirectory() as tmp:
         print("LOSS_CURVE_GOLDEN =", loss_curve(Path(tmp) / "run"))
