@@ -63,6 +63,21 @@ def test_mot_denoise_batch_equals_each_request_alone(pipeline):
         assert not torch.allclose(batched[1]["cond"], batched[1]["uncond"])
 
 
+def _assert_same_cache(runtime, a, b):
+    for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
+        torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+
+
+def _assert_next_steps_match(runtime, tok, alone, together):
+    """Each cache was cut back to its own tokens: the next step alone still matches."""
+    for ctx in alone + together:
+        runtime.append_text(ctx, [tok.boi_id])
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+
+
 def test_mot_append_text_batch_equals_each_request_alone(pipeline):
     runtime, tok = pipeline.engine.runtime, pipeline.engine.tokenizer
     with torch.inference_mode():
@@ -75,15 +90,8 @@ def test_mot_append_text_batch_equals_each_request_alone(pipeline):
         for a, b in zip(alone, together):
             assert a.cache.length == b.cache.length and a.next_position == b.next_position
             assert a.length == b.length
-            for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
-                torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
-        # each cache was cut back to its own tokens: the next step alone still matches
-        for ctx in alone + together:
-            runtime.append_text(ctx, [tok.boi_id])
-        for a, b in zip(alone, together):
-            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+            _assert_same_cache(runtime, a, b)
+        _assert_next_steps_match(runtime, tok, alone, together)
 
 
 def test_mot_append_image_batch_equals_each_request_alone(pipeline):
@@ -106,15 +114,8 @@ def test_mot_append_image_batch_equals_each_request_alone(pipeline):
             assert a.image_position is None and b.image_position is None
             assert [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in a.blocks] == \
                 [(x.mode, x.positions.tolist(), x.expert.tolist()) for x in b.blocks]
-            for ka, kb, va, vb in zip(a.cache.keys, b.cache.keys, a.cache.values, b.cache.values):
-                torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
-        # each cache was cut back to its own tokens: the next step alone still matches
-        for ctx in alone + together:
-            runtime.append_text(ctx, [tok.boi_id])
-        for a, b in zip(alone, together):
-            torch.testing.assert_close(runtime.next_text(a), runtime.next_text(b), rtol=1e-4, atol=1e-4)
+            _assert_same_cache(runtime, a, b)
+        _assert_next_steps_match(runtime, tok, alone, together)
 
 
 def _concurrently(batched_pipeline, batcher, jobs):
