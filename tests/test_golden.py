@@ -72,14 +72,7 @@ def generated_digest(doc) -> str:
 
 
 def default_digests() -> dict[str, str]:
-    from tapestry.infer.pipeline import Pipeline
-
-    pipe = Pipeline.from_pretrained("default")
-    out = {}
-    for name, (prompt, images, options) in CASES.items():
-        doc = pipe.generate(prompt, images=[Image.open(EXAMPLE / f) for f in images], seed=0, **options)
-        out[name] = generated_digest(doc)
-    return out
+    return {name: generated_digest(doc) for name, doc in default_documents().items()}
 
 
 def loss_curve(run_dir: Path) -> list[str]:
