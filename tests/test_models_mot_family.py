@@ -145,3 +145,71 @@ def test_a_packed_document_computes_as_if_alone(setup, tokenizer):
     assert set(packed_row.expert[packed_row.images[0].start : packed_row.images[0].end].tolist()) == {UND}
     noise = next(p for p in packed_row.images if p.kind == "noise")
     assert set(packed_row.expert[noise.start : noise.end].tolist()) == {GEN}
+
+
+def _trained_velocity_and_runtime_velocity(model, layout, tokenizer):
+    """One compose document's target velocity computed twice: by the training path (a whole
+    row, dense mask, the loss's head) and by the inference runtime (prefill of the prompt, BOI,
+    one denoising step against the cache) at the same x_t and t."""
+    from tapestry.models.common.patches import patchify, unpatchify
+
+    doc = compose("consistency")
+    row = layout_document(doc, tokenizer, layout)
+    inputs = prepare_row(row, [doc], layout, AvgPoolCodec(), torch.Generator().manual_seed(3))
+    n = next(iter(inputs.velocity_targets))
+    placement = row.images[n]
+    h, w = placement.grid
+    x_t, t = inputs.latents[n], torch.tensor([inputs.timesteps[n]])
+    with torch.no_grad():
+        hidden = model(embed_row(model, inputs)[None], row.expert[None], row.position_ids[None],
+                       dense_mask(row.spans)[None])
+        trained = model.latent_velocity(hidden[:, placement.start:placement.end], h, w, x_t[None], t)[0]
+        runtime = MOT.runtime(model, tokenizer, AvgPoolCodec(), layout)
+        ctx = runtime.prefill(Document(doc.id, doc.segments[:-1]))
+        runtime.append_text(ctx, [tokenizer.boi_id])
+        runtime.begin_image(ctx)
+        x = patchify(x_t[None], layout.latent_patch).unflatten(1, (h, w))  # [1, rows, cols, p·p·C]
+        v = runtime.denoise({"cond": ctx}, x, t[0])["cond"]
+    return trained, unpatchify(v.flatten(1, 2), layout.latent_patch, h, w)[0]
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])
+def test_inference_sees_the_velocity_training_taught(setup, tokenizer, prediction):
+    # A skew between the training row and the runtime's cached steps (positions, masks, experts,
+    # the head's reading) would make the sampler follow a field the loss never shaped.
+    from dataclasses import replace
+
+    model, layout = setup
+    if prediction != model.config.latent.prediction:
+        config = replace(model.config, latent=replace(model.config.latent, prediction=prediction))
+        other = MoTModel(config)
+        other.load_state_dict(model.state_dict())
+        model = other.eval()
+    trained, inferred = _trained_velocity_and_runtime_velocity(model, layout, tokenizer)
+    assert trained.abs().mean() > 1e-3
+    assert torch.allclose(trained, inferred, atol=1e-5)
+
+
+def test_an_x0_head_gives_the_velocity_of_the_line_through_x_t_and_its_estimate(setup):
+    from dataclasses import replace
+
+    from tapestry.models.mot.config import ConfigError, MoTConfig
+
+    model, _ = setup
+    config = replace(model.config, latent=replace(model.config.latent, prediction="x0"))
+    x0_model = MoTModel(config)
+    x0_model.load_state_dict(model.state_dict())
+    hidden = torch.randn(2, 4, config.llm.hidden_size)
+    x_t = torch.randn(2, 4, config.latent.patch_dim)
+    t = torch.tensor([0.5, 0.01])
+    estimate = model.latent_out(hidden)
+    v = x0_model.velocity_tokens(hidden, x_t, t)
+    assert torch.allclose(v[0], (x_t[0] - estimate[0]) / 0.5, atol=1e-6)
+    assert torch.allclose(v[1], (x_t[1] - estimate[1]) / 0.05, atol=1e-5)  # t clipped: no blow-up near data
+    assert torch.equal(model.velocity_tokens(hidden), estimate)  # a velocity head is read as it is
+    with pytest.raises(ValueError, match="x_t and t"):
+        x0_model.velocity_tokens(hidden)
+    data = config.to_dict()
+    data["latent"]["prediction"] = "epsilon"
+    with pytest.raises(ConfigError, match="latent.prediction"):
+        MoTConfig.from_dict(data)

@@ -20,6 +20,12 @@ FAMILY = "mot"  # the registry name (tapestry/models/family.py)
 FORMAT_VERSION = 1
 
 
+PREDICTIONS = ("velocity", "x0")  # LatentConfig.prediction
+# x0-prediction divides by t; below this the quotient is clipped (JiT's 0.05), which only matters
+# for the last sampler steps and the rare training times that close to the data
+X0_MIN_T = 0.05
+
+
 class ConfigError(TapestryError):
     """A config file or dict does not describe a valid model."""
 
@@ -94,6 +100,11 @@ class LatentConfig:
     patch_size: int = 2
     max_side: int = 8  # latent side in patches: rows of the sin-cos table = max_side²
     timestep_freq_dim: int = 256
+    # What the head's output means. "velocity": v = ε − x0 directly (BAGEL, Inset). "x0": the
+    # clean latents, turned into v = (x_t − x̂0) / t (JiT, "Back to Basics", 2025): a token of
+    # p·p·C features is a high-dimensional target next to a small decoder's width, and x0 lies
+    # near a low-dimensional data manifold where ε − x0 does not — the loss is still taken on v.
+    prediction: str = "velocity"
 
     @property
     def patch_dim(self) -> int:
@@ -101,8 +112,10 @@ class LatentConfig:
 
     def validate(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
+            if f.name != "prediction" and getattr(self, f.name) < 1:
                 raise ConfigError(f"latent.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"latent.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
 
 
 @dataclass

@@ -159,7 +159,9 @@ def loss_sums(model, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
             placement = inputs.row.images[n]
             h, w = placement.grid
             # predicted: [C, h·p, w·p] velocity of this image's latents
-            predicted = model.latent_velocity(hidden[b : b + 1, placement.start : placement.end], h, w)[0]
+            x_t = inputs.latents[n][None].to(device)
+            t = torch.tensor([inputs.timesteps[n]], device=device)
+            predicted = model.latent_velocity(hidden[b : b + 1, placement.start : placement.end], h, w, x_t, t)[0]
             flow_sum = flow_sum + (predicted.float() - target.to(device)).pow(2).sum()
     return {"text": text_sum, "flow": flow_sum}
 
@@ -323,17 +325,19 @@ class MoTRuntime:
         _, rows, cols, _ = x.shape
         n = rows * cols
         latents = unpatchify(x.flatten(1, 2), self.layout.latent_patch, rows, cols)  # [1, C, H, W]
-        tokens = self.model.embed_latents(latents, t.reshape(1).to(x.device))  # [1, n, D]
+        t_row = t.reshape(1).to(x.device)
+        tokens = self.model.embed_latents(latents, t_row)  # [1, n, D]
+        x_tokens = x.flatten(1, 2)  # [1, n, p·p·C]: what an x0-predicting head needs besides t
         names = list(contexts)
         expert = torch.full((1, n), GEN)
         if batched and len(names) > 1 and not any(c.recompute for c in contexts.values()):
             cache, mask, positions = self._batch(contexts, n)
             hidden = self.model(tokens.expand(len(names), -1, -1), expert.expand(len(names), -1),
                                 positions, mask, cache=cache)  # [B, n, D]
-            out = {name: self.model.latent_out(hidden[i : i + 1]) for i, name in enumerate(names)}
+            out = {name: self.model.velocity_tokens(hidden[i : i + 1], x_tokens, t_row) for i, name in enumerate(names)}
         else:
-            out = {name: self.model.latent_out(
-                       ctx.probe(tokens[0], expert[0], torch.full((n,), ctx.image_position))[None])
+            out = {name: self.model.velocity_tokens(
+                       ctx.probe(tokens[0], expert[0], torch.full((n,), ctx.image_position))[None], x_tokens, t_row)
                    for name, ctx in contexts.items()}
         return {name: v.unflatten(1, (rows, cols)) for name, v in out.items()}
 
@@ -432,7 +436,8 @@ class MoTRuntime:
             cache, mask, positions = self._batch_rows([ctx for _, _, ctx in rows], n)
             which = torch.tensor([k for k, _, _ in rows])
             hidden = self.model(tokens[which], torch.full((len(rows), n), GEN), positions, mask, cache=cache)  # [R, n, D]
-            v = self.model.latent_out(hidden)  # [R, n, p·p·C]
+            x_rows = torch.cat([items[i][1].flatten(1, 2) for i in members])[which]  # [R, n, p·p·C]
+            v = self.model.velocity_tokens(hidden, x_rows, t[which])  # [R, n, p·p·C]
             for r, (k, name, _) in enumerate(rows):
                 i = members[k]
                 if out[i] is None:

@@ -33,7 +33,7 @@ from tapestry.models.common.patches import patchify, unpatchify
 from tapestry.models.common.rope import RotaryEmbedding, apply_rope
 from tapestry.models.common.sincos import grid_position_ids, sincos_2d
 from tapestry.models.common.timestep import TimestepEmbedder
-from tapestry.models.mot.config import FORMAT, LLMConfig, MoTConfig, ViTConfig
+from tapestry.models.mot.config import FORMAT, X0_MIN_T, LLMConfig, MoTConfig, ViTConfig
 
 UND, GEN = 0, 1  # expert index of a token
 
@@ -377,8 +377,8 @@ class MoTModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         if self.config.latent is not None:
-            # zero output projection: a fresh generation head predicts v = 0 and starts from a
-            # stable point instead of random velocities
+            # zero output projection: a fresh generation head predicts v = 0 (or x̂0 = 0, the
+            # latents' mean) and starts from a stable point instead of random outputs
             nn.init.zeros_(self.latent_out.weight)
             nn.init.zeros_(self.latent_out.bias)
 
@@ -405,10 +405,25 @@ class MoTModel(nn.Module):
         pos = self.latent_pos_embed[grid_position_ids(h, w, lat.max_side).to(latents.device)]
         return tokens + self.time_embed(t)[:, None, :] + pos[None].to(tokens.dtype)
 
-    def latent_velocity(self, hidden: Tensor, height: int, width: int) -> Tensor:
-        """hidden: [B, h·w, D] (final states of an image's latent tokens) -> v: [B, C, H, W]."""
+    def latent_velocity(self, hidden: Tensor, height: int, width: int, x_t: Tensor | None = None,
+                        t: Tensor | None = None) -> Tensor:
+        """hidden: [B, h·w, D] (final states of an image's latent tokens) -> v: [B, C, H, W].
+        An x0-predicting head (config.latent.prediction) also needs x_t: [B, C, H, W] and t: [B]."""
         lat = self._need("latent")
-        return unpatchify(self.latent_out(hidden), lat.patch_size, height, width)
+        tokens = x_t if x_t is None else patchify(x_t.to(hidden.dtype), lat.patch_size)
+        return unpatchify(self.velocity_tokens(hidden, tokens, t), lat.patch_size, height, width)
+
+    def velocity_tokens(self, hidden: Tensor, x_t: Tensor | None = None, t: Tensor | None = None) -> Tensor:
+        """The head in token space: hidden [B, n, D] -> v [B, n, p·p·C]; x_t: [B, n, p·p·C]
+        (patchified noisy latents) and t: [B], read only by an x0-predicting head."""
+        out = self.latent_out(hidden)
+        if self._need("latent").prediction == "velocity":
+            return out
+        if x_t is None or t is None:
+            raise ValueError("an x0-predicting head turns x̂0 into a velocity with x_t and t: pass both")
+        # v = (x_t − x̂0) / t: the straight line through x_t and x̂0 reaches noise at t = 1
+        t = t.to(out.dtype).clamp(min=X0_MIN_T).view(-1, 1, 1)
+        return (x_t.to(out.dtype) - out) / t
 
     def embed_images(self, images: list[Tensor]) -> list[Tensor]:
         """images: list of [3, H, W] (normalized, sides multiples of the patch) -> [n_i, D] each,
