@@ -49,6 +49,12 @@ class LayoutConfig:
     references_as_vae: bool = False  # Inset: references enter through the ViT only (no copy-paste)
     context_as_vae: bool = True  # given story frames and generated images also as clean VAE tokens
     clean_copy: bool = True  # a generated image appears again as clean tokens after its noise span
+    # Training only: each target image is laid out as this many noise spans (each its own noise
+    # and time, each seeing the clean context but never another noise span), so one forward of
+    # the context supervises the flow head at several times. A target's image tokens are a small
+    # share of a row (16 of ~90 for a ToyWorld compose document), so K copies cost far less
+    # than K times the documents while giving the flow loss K times the samples.
+    noise_copies: int = 1
     text_loss: Literal["targets", "all"] = "targets"  # which text carries next-token loss
     target_size: tuple[int, int] = (64, 64)  # (height, width) of targets that declare no size
     # BAGEL's chat format: every text piece is one turn `bos text eos` (<|im_start|> … <|im_end|>
@@ -212,7 +218,8 @@ def layout_document(doc, tokenizer, config: LayoutConfig = LayoutConfig(), doc_i
         position = build.next_position
         build.next_position += 1
         if item.role == "target":
-            build.image([("noise", grids["vae"])], "noise", segment_index, item.role, tokenizer.image_id, position)
+            for _ in range(config.noise_copies):
+                build.image([("noise", grids["vae"])], "noise", segment_index, item.role, tokenizer.image_id, position)
             # The clean copy is kept even for a final image: at inference a generated image is
             # always appended before the model decides what follows (more text, another image
             # or EOS), so training must show that decision with the same context.

@@ -256,3 +256,25 @@ def test_supervise_text_off_removes_every_label(tokenizer):
     seq = layout_document(story_doc(), tokenizer, CONFIG, supervise_text=False)
     assert (seq.labels == IGNORE).all()
     assert [p.kind for p in seq.images] == [p.kind for p in layout_document(story_doc(), tokenizer, CONFIG).images]
+
+
+def test_noise_copies_give_a_target_several_noise_spans_that_see_the_context_and_not_each_other():
+    from tapestry.masks import dense_mask
+
+    tok = train_bpe(["draw a thing"] * 10, vocab_size=280)
+    doc = Document("k", [TextSegment("draw"), ImageSegment("target", image=Image.new("RGB", (64, 64)))])
+    one = layout_document(doc, tok, LayoutConfig(noise_copies=1))
+    three = layout_document(doc, tok, LayoutConfig(noise_copies=3))
+    noise = [p for p in three.images if p.kind == "noise"]
+    assert len(noise) == 3 and len([p for p in one.images if p.kind == "noise"]) == 1
+    per_image = noise[0].end - noise[0].start
+    assert three.length == one.length + 2 * per_image
+    assert len({p.position for p in noise}) == 1  # one image, one position id
+    mask = dense_mask(three.spans)
+    first, second = noise[0], noise[1]
+    assert mask[second.start, : first.start].all()  # the context
+    assert not mask[second.start, first.start : first.end].any()  # never the other copies
+    assert mask[second.start, second.start : second.end].all()
+    clean = next(p for p in three.images if p.kind != "noise")
+    assert not mask[clean.start, first.start : second.end].any()  # the clean copy sees no noise
+

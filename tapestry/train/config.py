@@ -63,6 +63,7 @@ class LayoutChoices:
     references_as_vae: bool = False  # Inset: references only through the ViT (no copy-paste)
     context_as_vae: bool = True
     clean_copy: bool = True
+    noise_copies: int = 1  # noise spans per target image (tapestry.layout.LayoutConfig.noise_copies)
     text_loss: str = "targets"  # "targets" | "all"
     target_size: list[int] = field(default_factory=lambda: [64, 64])
     text_turns: bool = False  # each text run as a chat turn (BAGEL's <|im_start|> text <|im_end|>):
@@ -264,6 +265,7 @@ class TrainConfig:
         need(d.timestep_shift > 0, "data.timestep_shift", "must be > 0")
         need(self.layout.text_loss in ("targets", "all"), "layout.text_loss", "must be targets or all")
         need(len(self.layout.target_size) == 2, "layout.target_size", "must be [height, width]")
+        need(self.layout.noise_copies >= 1, "layout.noise_copies", "must be >= 1")
 
         p = self.dropout
         need(p.policy in DROPOUT_POLICIES, "dropout.policy", f"{p.policy!r} is not one of {DROPOUT_POLICIES}")

@@ -152,7 +152,7 @@ def layout_for(config: TrainConfig, model_config, codec) -> LayoutConfig:
     choices = config.layout
     return family_of(config).layout_config(
         model_config, codec.downsample, references_as_vae=choices.references_as_vae,
-        context_as_vae=choices.context_as_vae, clean_copy=choices.clean_copy, text_loss=choices.text_loss,
+        context_as_vae=choices.context_as_vae, clean_copy=choices.clean_copy, noise_copies=choices.noise_copies, text_loss=choices.text_loss,
         target_size=tuple(choices.target_size), text_turns=choices.text_turns)
 
 
