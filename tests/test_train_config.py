@@ -114,3 +114,19 @@ def test_progress_lines_show_whatever_parts_a_family_has(capsys):
                         "tokens_per_s": 12.0})
     line = capsys.readouterr().err
     assert "text 1.0000  image 0.2000" in line and "flow" not in line and "val_text" not in line
+
+
+def test_noise_copies_reach_the_layout_and_must_be_positive():
+    from tapestry.train.loop import layout_for
+
+    config = config_from_data(minimal(), ["layout.noise_copies=3"])
+    assert config.layout.noise_copies == 3
+    with pytest.raises(TrainConfigError, match=r"layout.noise_copies: must be >= 1"):
+        config_from_data(minimal(), ["layout.noise_copies=0"])
+    from tapestry.models.mot.config import LatentConfig, LLMConfig, MoTConfig
+
+    class Codec:
+        downsample = 4
+
+    model_config = MoTConfig(llm=LLMConfig(), vit=None, latent=LatentConfig(channels=4)).validate()
+    assert layout_for(config, model_config, Codec()).noise_copies == 3
