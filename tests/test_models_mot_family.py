@@ -190,6 +190,20 @@ def test_inference_sees_the_velocity_training_taught(setup, tokenizer, predictio
     assert torch.allclose(trained, inferred, atol=1e-5)
 
 
+def test_a_checkpoint_trained_with_noise_copies_prefills_each_image_once(setup, tokenizer):
+    # layout.noise_copies is saved with the layout it was trained with; a prompt holding an
+    # earlier target (a story being continued) must still be laid out as inference sees it.
+    from dataclasses import replace
+
+    model, layout = setup
+    doc = Document("s", story().segments[:-1])
+    with torch.no_grad():
+        once = MOT.runtime(model, tokenizer, AvgPoolCodec(), layout).prefill(doc)
+        copies = MOT.runtime(model, tokenizer, AvgPoolCodec(), replace(layout, noise_copies=3)).prefill(doc)
+    assert copies.next_position == once.next_position
+    assert torch.equal(copies.last_hidden, once.last_hidden)
+
+
 def test_an_x0_head_gives_the_velocity_of_the_line_through_x_t_and_its_estimate(setup):
     from dataclasses import replace
 

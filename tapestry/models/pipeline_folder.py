@@ -136,7 +136,7 @@ def _read_record(where: Path, fmt: str) -> dict[str, Any]:
 # Every layout field must be in the record (a missing one would silently take a default the
 # model was not trained with), except those added after pipelines were first written: a record
 # without them was written before they existed and means their defaults.
-LAYOUT_ADDED_LATER = ("text_turns",)
+LAYOUT_ADDED_LATER = ("text_turns", "noise_copies")
 
 
 def _layout_of(record: dict[str, Any], where: Path) -> LayoutConfig:

@@ -236,6 +236,9 @@ class MoTRuntime:
     """
 
     def __init__(self, model: MoTModel, tokenizer, codec: Autoencoder | None, layout: LayoutConfig):
+        # noise_copies is a training device (K noisy copies of one target per row); a prompt laid
+        # out for inference holds each image once, whatever the checkpoint was trained with.
+        layout = replace(layout, noise_copies=1)
         self.model, self.tokenizer, self.codec, self.layout = model.eval(), tokenizer, codec, layout
         self.target_size = tuple(layout.target_size)
         self._batched: tuple | None = None  # (contexts and lengths it was built for, cache, mask, positions)
