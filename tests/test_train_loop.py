@@ -37,10 +37,22 @@ def setup(tmp_path_factory):
     ae = ToyAutoencoder(ToyAEConfig(channels=(8, 8, 8), encoder_blocks=(0, 0, 0), decoder_blocks=(0, 0, 0),
                                     latent_channels=4, norm_groups=4, resolution=32))
     ae.save_pretrained(root / "ae")
-    raw = tiny_config(shards, **{"model.vae": str(root / "ae")})
+    # Bitwise resume holds at a fixed thread count; the resumed runs below start in other processes,
+    # whose torch default need not be the one this process was left with, so the count is pinned.
+    raw = tiny_config(shards, **{"model.vae": str(root / "ae"), "parallel.threads": 1})
     reference = root / "reference"
+    threads = torch.get_num_threads()
     train(config_from_data(raw), reference, quiet=True)
+    torch.set_num_threads(threads)
     return {"root": root, "raw": raw, "reference": reference}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    # `parallel.threads` sets the process's torch thread count; later tests keep theirs
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def state_of(checkpoint: Path) -> dict:
