@@ -41,18 +41,18 @@ def setup(tmp_path_factory):
     # whose torch default need not be the one this process was left with, so the count is pinned.
     raw = tiny_config(shards, **{"model.vae": str(root / "ae"), "parallel.threads": 1})
     reference = root / "reference"
-    threads = torch.get_num_threads()
     train(config_from_data(raw), reference, quiet=True)
-    torch.set_num_threads(threads)
     return {"root": root, "raw": raw, "reference": reference}
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    # `parallel.threads` sets the process's torch thread count; later tests keep theirs
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+def test_a_run_gives_the_thread_count_back(setup, tmp_path):
+    # parallel.threads is process-wide; a caller of train() keeps the count it had
+    before = torch.get_num_threads()
+    raw = json.loads(json.dumps(setup["raw"]))
+    raw["parallel"] = {"threads": before + 1}
+    raw["stages"] = [{"name": "main", "steps": 1}]
+    train(config_from_data(raw), tmp_path / "run", quiet=True)
+    assert torch.get_num_threads() == before
 
 
 def state_of(checkpoint: Path) -> dict:

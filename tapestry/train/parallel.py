@@ -31,6 +31,7 @@ class Dist:
     local_rank: int = 0
     mode: str = "none"  # none | ddp | fsdp
     device: torch.device = torch.device("cpu")
+    threads_before: int = 0  # torch's thread count before `parallel.threads` set it (0: untouched)
 
     @property
     def is_main(self) -> bool:
@@ -60,10 +61,12 @@ def init_distributed(config: ParallelConfig) -> Dist:
         raise TrainConfigError(f"parallel.mode = \"none\" but torchrun started {world} processes; use ddp or fsdp")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(config, local_rank)
-    if config.threads:
+    threads_before = 0
+    if config.threads:  # a process-wide setting: shutdown() puts it back for in-process callers
+        threads_before = torch.get_num_threads()
         torch.set_num_threads(config.threads)
     if mode == "none":
-        return Dist(device=device)
+        return Dist(device=device, threads_before=threads_before)
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -72,10 +75,12 @@ def init_distributed(config: ParallelConfig) -> Dist:
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, mode, device)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, mode, device, threads_before)
 
 
 def shutdown(d: Dist) -> None:
+    if d.threads_before:
+        torch.set_num_threads(d.threads_before)
     if d.mode != "none":
         import torch.distributed as dist
 
