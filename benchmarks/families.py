@@ -22,10 +22,23 @@ Figures:
     train_tokens_per_s_ratio_<f>_mot, train_docs_per_s_ratio_<f>_mot   <f> ÷ mot (higher is faster)
 No figure has a target: the families differ by design (duet runs a multimodal LLM and a video
 DiT; mmi a UNet with MMFS); these numbers say what that costs here.
+
+The ToyWorld column (`--toyworld DIR`, once per checkpoint; `default` is the shipped mot model):
+each checkpoint is scored by `tapestry.eval.toyworld.run_toyworld` on the first N scenes of each
+task of toyworld-bench-v1 (`--toyworld-n`, 10; --quick: 2), with the checkpoint's own generation
+defaults, as `tapestry eval toyworld --n N` would. Training a ToyWorld-sized model of each family
+takes an hour or more here, so the benchmark scores checkpoints made by the commands in
+docs/models.md rather than training them itself; `--toyworld-only` skips the speed figures.
+    toyworld_graded_<family>, toyworld_exact_<family>       overall, 95 % bootstrap CI in config.ci95
+    toyworld_<task>_graded_<family>                         per task
+    toyworld_graded_ratio_<f>_mot                           <f> ÷ mot (when a mot checkpoint is given)
+<family> is the checkpoint's own (its pipeline.json), so two checkpoints of one family (an
+ablation) are told apart by a `_2`, `_3` suffix in the order given.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
@@ -155,11 +168,59 @@ def measure(name: str, vae: str, run_dir: Path, warmup: int, steps: int, repeats
             "docs_per_s": docs / seconds, "tokens": tokens, "docs": docs, "seconds": seconds}
 
 
+def toyworld_column(checkpoints: list[str], n: int) -> None:
+    """Score each checkpoint on the first n scenes per task of toyworld-bench-v1 (module docstring)."""
+    from tapestry.eval.toyworld import ToyWorldEvalConfig, run_toyworld
+    from tapestry.models.pipeline_folder import read_pipeline_record, resolve_checkpoint
+
+    names: dict[str, dict] = {}
+    for checkpoint in checkpoints:
+        family = read_pipeline_record(resolve_checkpoint(checkpoint))[1]
+        name, k = family, 1
+        while name in names:
+            k += 1
+            name = f"{family}_{k}"
+        with tempfile.TemporaryDirectory(prefix="families-toyworld-") as tmp:
+            config = ToyWorldEvalConfig(checkpoint=checkpoint, split="test", n=n)
+            summary = run_toyworld(config, Path(tmp) / "run", command=["benchmarks/families.py"] + sys.argv[1:])
+            settings = json.loads((Path(tmp) / "run" / "run.json").read_text(encoding="utf-8"))["settings"]
+        base = {"checkpoint": checkpoint, "family": family, "checkpoint_hash": settings["checkpoint_hash"],
+                "generation": settings["generation"], "split": "test", "n_scenes_per_task": n}
+        overall = summary["overall"]
+        names[name] = overall
+        log(f"{name}: toyworld graded {overall['mean']:.3f} {overall['ci95']}, exact {overall['exact']['mean']:.3f}")
+        figure(BENCH, f"toyworld_graded_{name}", overall["mean"], "score", None, True,
+               {**base, "n": overall["n"], "ci95": overall["ci95"]})
+        figure(BENCH, f"toyworld_exact_{name}", overall["exact"]["mean"], "rate", None, True,
+               {**base, "n": overall["n"], "ci95": overall["exact"]["ci95"]})
+        for task, block in summary["tasks"].items():
+            figure(BENCH, f"toyworld_{task}_graded_{name}", block["mean"], "score", None, True,
+                   {**base, "task": task, "n": block["n"], "ci95": block["ci95"]})
+    if "mot" in names:
+        for name, overall in names.items():
+            if name != "mot":
+                figure(BENCH, f"toyworld_graded_ratio_{name}_mot", overall["mean"] / max(names["mot"]["mean"], 1e-9),
+                       "x", None, True, {"n_scenes_per_task": n})
+
+
+def _options(parser) -> None:
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--toyworld", action="append", default=[], metavar="DIR",
+                        help="a checkpoint to score on toyworld-bench-v1 ('default' or a pipeline folder); repeat")
+    parser.add_argument("--toyworld-n", type=int, default=None, help="scenes per task (10; --quick: 2)")
+    parser.add_argument("--toyworld-only", action="store_true", help="skip the latency and throughput figures")
+
+
 def main(argv=None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv, lambda p: p.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"))
+    args = parse_args(__doc__.splitlines()[0], argv, _options)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.toyworld:
+        toyworld_column(args.toyworld, args.toyworld_n or (2 if args.quick else 10))
+    else:
+        log("families: no --toyworld checkpoints; the ToyWorld column is skipped (docs/models.md has the runs)")
+    if args.toyworld_only:
+        return
     warmup, steps, repeats = (1, 3, 3) if args.quick else (2, 8, 7)
     config = {"side": SIDE, "euler_steps": STEPS, "guidance": "cfg", "budget": COMMON["data"]["budget"],
               "rows": COMMON["data"]["rows"], "train_steps": steps, "latency_repeats": repeats,
