@@ -221,6 +221,31 @@ def test_cli_train_help_examples_and_export_raw(setup, tmp_path):
     assert result.exit_code == 2 and "no complete checkpoint" in result.output
 
 
+def test_export_stores_generation_defaults_chosen_on_val_and_refuses_bad_ones(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from tapestry.infer.pipeline import Pipeline
+    from tapestry.train.cli import app
+
+    runner = CliRunner()
+    chosen = '{"guidance": "cfg", "guidance_scales": {"scale": 4.5}, "steps": 7}'
+    result = runner.invoke(app, ["export", str(setup["reference"]), "--out", str(tmp_path / "chosen"),
+                                 "--generation", chosen])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "chosen" / "pipeline.json").read_text())
+    shift = config_from_data(setup["raw"]).data.timestep_shift
+    assert record["generation"] == {"shift": shift, "guidance": "cfg", "guidance_scales": {"scale": 4.5}, "steps": 7}
+    options = Pipeline.from_pretrained(tmp_path / "chosen").options()
+    assert (options.guidance, options.guidance_scales, options.steps) == ("cfg", {"scale": 4.5}, 7)
+    for bad, reason in (('{"guidence": "cfg"}', "unknown field"), ('{"steps": "many"}', "--generation.steps"),
+                        ('{"guidance": "louder"}', "--generation"), ("cfg", "not JSON"), ("[1]", "a JSON object")):
+        result = runner.invoke(app, ["export", str(setup["reference"]), "--out", str(tmp_path / "bad"),
+                                     "--generation", bad])
+        assert result.exit_code == 2 and reason in result.output, (bad, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "bad").exists(), "a refused export writes nothing"
+
+
 def test_a_run_refuses_to_overwrite_or_to_resume_with_another_recipe(setup, tmp_path):
     config = config_from_data(setup["raw"])
     with pytest.raises(TapestryError, match="already holds checkpoints"):

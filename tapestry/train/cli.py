@@ -51,6 +51,8 @@ EXPORT_HELP = """Write an inference checkpoint (EMA weights, config, tokenizer, 
 
   tapestry export runs/inset-lora --out models/inset --merge-lora
 
+  tapestry export runs/default --out models/default --generation '{"guidance": "cfg", "guidance_scales": {"scale": 4.5}}'
+
 The folder loads with Pipeline.from_pretrained(DIR) (any family); see docs/training.md for its contents.
 A run that trained adapters (LoRA) exports them alone, in a folder that names its base model
 (model.init_from); --merge-lora writes the base with the adapters folded into its weights instead.
@@ -97,13 +99,20 @@ def export_command(
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest complete one)."),
     raw: bool = typer.Option(False, "--raw", help="Export the raw weights instead of the EMA."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="A LoRA run: fold the adapters into the base weights and write one pipeline folder."),
+    generation: Optional[str] = typer.Option(None, "--generation", help='Generation defaults to store, as JSON (GenerationOptions fields), e.g. \'{"guidance": "cfg", "guidance_scales": {"scale": 4.5}}\'.'),
 ) -> None:
     from tapestry.errors import TapestryError
     from tapestry.train.export import export_checkpoint
 
     try:
+        chosen = json.loads(generation) if generation is not None else None
+    except ValueError as e:
+        raise _error(f"--generation: not JSON ({e})") from None
+    if chosen is not None and not isinstance(chosen, dict):
+        raise _error(f"--generation: expected a JSON object, got {type(chosen).__name__}")
+    try:
         info = export_checkpoint(run_dir, out, step=step, weights="model" if raw else "ema", merge_lora=merge_lora,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, generation=chosen)
     except TapestryError as exc:
         raise _error(str(exc)) from None
     print(json.dumps(info))

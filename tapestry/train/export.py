@@ -48,9 +48,30 @@ def checkpoint_at(run_dir: Path, step: int | None) -> Path:
 EXPORT_WRITER = "tapestry export"
 
 
+def generation_defaults(config, chosen: dict[str, Any]) -> dict[str, Any]:
+    """pipeline.json's generation record: the run's sampler shift, then `chosen` on top, checked
+    as `Pipeline.from_pretrained` will read it (a bad field is one line, before any weights load)."""
+    from tapestry.errors import TapestryError
+    from tapestry.infer.engine import GenerationOptions
+    from tapestry.models.common.config import section_from_dict
+
+    defaults = {"shift": config.data.timestep_shift, **chosen}  # the engine's defaults for the rest
+    options = section_from_dict(GenerationOptions, defaults, "--generation", TapestryError)
+    try:
+        options.check()
+    except TapestryError as e:
+        raise TapestryError(f"--generation: {e}") from None
+    return defaults
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = None,
-                      weights: str = "ema", merge_lora: bool = False, overwrite: bool = False) -> dict[str, Any]:
+                      weights: str = "ema", merge_lora: bool = False, overwrite: bool = False,
+                      generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write OUT from the run's latest (or `step`) checkpoint; `weights` is "ema" or "model".
+
+    `generation` (GenerationOptions fields, e.g. {"guidance": "cfg", "guidance_scales": {"scale":
+    4.5}}) joins the folder's generation defaults beside the sampler shift the run trained with:
+    settings chosen on val travel with the weights instead of being typed at every call.
 
     A run whose recipe adds adapters (LoRA) writes an adapter folder (the adapters alone, naming
     `model.init_from` as their base), or with `merge_lora` a pipeline folder of the base with the
@@ -68,6 +89,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     check_output_dir(out, EXPORT_WRITER, overwrite)
     path = checkpoint_at(run_dir, step)
     config = load_config(path / "config.toml")
+    defaults = generation_defaults(config, generation or {})
     tokenizer = load_tokenizer(config, run_dir, Dist()) if (run_dir / TOKENIZER_DIR).is_dir() or \
         config.model.tokenizer or config.model.init_from else None
     if tokenizer is None:
@@ -86,7 +108,6 @@ def export_checkpoint(run_dir: str | Path, out: str | Path, step: int | None = N
     if part == "ema" and config.ema.decay == 0:
         part = "model"  # the run kept no EMA
     layout = layout_for(config, model_config, codec)
-    defaults = {"shift": config.data.timestep_shift}  # the engine's defaults for the rest
     if adapters is not None:
         # the checkpoint holds the adapters alone: the base is init_from, read again
         base = Path(config.model.init_from)
