@@ -82,9 +82,14 @@ def main(argv=None) -> None:
         if not Path(vae).is_dir() and not vae.startswith("pool:"):
             vae = stand_in_vae(tmp / "vae", base.layout.target_size[0])
             log(f"{base.model.vae} not found: a random-weight ToyAutoencoder of the same shape stands in")
+        stand_ins = {}
+        init_vit = getattr(base.model.arch, "init_vit", "")  # a mot recipe key
+        if init_vit and not Path(init_vit).is_dir():
+            stand_ins["model.init_vit"] = ""  # the recipe's encoder, randomly initialized: same compute
+            log(f"{init_vit} not found: the encoder starts from random weights (same compute)")
         shared_tokenizer = None
         for name in args.variants.split(","):
-            overrides = dict(VARIANTS[name])
+            overrides = {**stand_ins, **VARIANTS[name]}
             run = tmp / name
             if shared_tokenizer is not None:  # train the BPE once, not per variant
                 overrides["model.tokenizer"] = shared_tokenizer
@@ -98,7 +103,7 @@ def main(argv=None) -> None:
             figure(BENCH, "tokens_per_s", speed, "tokens/s", None, True, cfg)
             figure(BENCH, "peak_rss_mib", peak, "MiB", None, False, cfg)
 
-        trainer, config = build_trainer(args.config, {"model.tokenizer": shared_tokenizer}, tmp / "packing", vae)
+        trainer, config = build_trainer(args.config, {**stand_ins, "model.tokenizer": shared_tokenizer}, tmp / "packing", vae)
         packer = trainer.packer
         n = 10 if args.quick else 40
         efficiency = sum(packer.next_batch({s.name: s.weight for s in config.data.sources}).efficiency

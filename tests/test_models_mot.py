@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tapestry.layout import Span, block_mask, dense_mask
+from tapestry.masks import document_masks
 from tapestry.models.common.sincos import sincos_2d
 from tapestry.models.mot.config import ConfigError, LatentConfig, LLMConfig, MoTConfig, ViTConfig
 from tapestry.models.mot.model import GEN, UND, KVCache, MoTModel
@@ -162,6 +163,61 @@ def test_packed_documents_are_independent(model):
     out = run(model, packed)
     torch.testing.assert_close(out[: a.end], alone_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[a.end :], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def packed_rows(model):
+    """Two rows of one length, each several documents (the second ends in a padding-like doc)."""
+    image = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(1))
+    docs = [
+        [lambda s, d: Sequence(model, d, s).text([1, 5, 9]).vit(image).text([4, 2]).latents(lat(3), 0.3, "noise"),
+         lambda s, d: Sequence(model, d, s).text([7, 8, 9, 10]).latents(lat(4), 0.0, "full").text([3])],
+        [lambda s, d: Sequence(model, d, s).text([2, 3]).latents(lat(5), 0.7, "noise").latents(lat(6), 0.2, "noise"),
+         lambda s, d: Sequence(model, d, s).text([11, 12, 13]),
+         lambda s, d: Sequence(model, d, s).text([6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6])],
+    ]
+    rows = []
+    for makers in docs:
+        packed, end = Sequence(model), 0
+        for d, make in enumerate(makers):
+            part = make(end, d)
+            for name in ("embeds", "experts", "positions", "spans"):
+                getattr(packed, name).extend(getattr(part, name))
+            end = part.end
+        rows.append(packed)
+    lengths = {r.end for r in rows}
+    assert len(lengths) == 1, lengths  # the fixture itself: both rows must be of one length
+    return rows
+
+
+def test_document_masks_forward_and_backward_match_dense(model):
+    rows = packed_rows(model)
+    tensors = [r.tensors() for r in rows]
+    emb, exp, pos = (torch.cat([t[i] for t in tensors]) for i in range(3))
+    emb = emb.detach()
+    dense = torch.stack([dense_mask(r.spans) for r in rows])
+    blocks = document_masks([r.spans for r in rows])
+    assert [len(b) for b in blocks.rows] == [2, 3]
+    outs, grads = [], []
+    for mask in (dense, blocks):
+        x = emb.clone().requires_grad_(True)
+        model.zero_grad()
+        out = model(x, exp, pos, mask)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        outs.append(out.detach())
+        grads.append((x.grad, model.layers[0].und.k_proj.weight.grad.clone(), model.layers[1].gen.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1], grads[0]):  # float32 sums in another order: relative to the scale
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+    model.zero_grad()
+
+
+def test_document_masks_refuse_what_they_do_not_cover(model):
+    rows = packed_rows(model)
+    with pytest.raises(ValueError, match="one length"):
+        document_masks([rows[0].spans, rows[0].spans[:-1]])
+    emb, exp, pos = rows[0].tensors()
+    with pytest.raises(ValueError, match="document masks cover 2 rows"):
+        model(emb, exp, pos, document_masks([r.spans for r in rows]))
 
 
 # -- KV cache -------------------------------------------------------------------------------------

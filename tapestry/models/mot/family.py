@@ -29,9 +29,9 @@ from tapestry.layout import (
     LayoutConfig,
     SequenceLayout,
     clean_token_kinds,
-    dense_mask,
     layout_document,
 )
+from tapestry.masks import document_masks
 from tapestry.models import family as families
 from tapestry.models.common.flow import interpolate, sample_timesteps, velocity_target
 from tapestry.models.common.patches import patchify, unpatchify
@@ -143,7 +143,8 @@ def loss_sums(model, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
     embeds = torch.stack([embed_row(model, inputs) for inputs in batch])
     expert = torch.stack([r.expert for r in rows]).to(device)
     positions = torch.stack([r.position_ids for r in rows]).to(device)
-    masks = torch.stack([dense_mask(r.spans) for r in rows]).to(device)
+    # per-document blocks of the dense mask: packed documents never see each other
+    masks = document_masks([r.spans for r in rows], device)
     hidden = model(embeds, expert, positions, masks)  # [B, L, D]
 
     labels = torch.stack([r.labels for r in rows]).to(device)  # [B, L]
