@@ -147,6 +147,30 @@ def test_gates_at_zero_equal_the_model_without_mmfs_bitwise(tokenizer, model_and
         assert torch.equal(loss_sums(with_mmfs, batch)["image"], loss_sums(without, batch)["image"])
 
 
+def test_training_attention_per_document_equals_the_dense_mask(tokenizer, monkeypatch):
+    import tapestry.models.mmi.family as mmi_family
+    from tapestry.layout import dense_mask
+
+    torch.manual_seed(0)
+    model, vae = MMIModel(tiny_config(tokenizer)), tiny_vae()
+    _open_gates(model)
+    batch = rows_of(model.config, tokenizer, [story()], vae)
+    assert len(mmi_family.document_masks([b.row.spans for b in batch]).rows[0]) >= 1
+    results = []
+    for dense in (False, True):
+        if dense:
+            monkeypatch.setattr(mmi_family, "document_masks",
+                                lambda rows, device=None: torch.stack([dense_mask(r) for r in rows]).to(device))
+        model.zero_grad()
+        parts = loss_sums(model, batch)
+        (parts["text"] + parts["image"]).backward()
+        grad = model.lm.llm.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        results.append((parts["text"].detach(), parts["image"].detach(), grad))
+    model.zero_grad()
+    for got, want in zip(results[0], results[1]):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max().clamp_min(1e-6)
+
+
 def test_lm_matches_transformers_llama_forward_and_kv_cache(tokenizer, model_and_vae):
     model, _ = model_and_vae
     ids = torch.randint(0, tokenizer.vocab_size, (1, 9))

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from tapestry.layout import IGNORE, LayoutConfig, SequenceLayout, _Builder, _finish, dense_mask
+from tapestry.layout import IGNORE, LayoutConfig, SequenceLayout, _Builder, _finish
+from tapestry.masks import document_masks
 from tapestry.models import family as families
 from tapestry.models.mmi.config import (
     DecoderConfig,
@@ -245,7 +246,7 @@ def lm_forward(model: MMIModel, batch: Sequence[RowInputs]) -> tuple[Tensor, Ima
             index[r, m] = min(info.index, cfg.mmfs.max_images - 1)
     memory.index = index
     visible = torch.stack([visibility(r, memory.count) for r in rows]).to(device)  # [B, L, M]
-    masks = torch.stack([dense_mask(r.spans) for r in rows]).to(device)
+    masks = document_masks([r.spans for r in rows], device)  # packed documents never see each other
     positions = torch.stack([r.position_ids for r in rows]).to(device)
     return model.lm(embeds, positions, masks, memory, visible), memory  # [B, L, D]
 

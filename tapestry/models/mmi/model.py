@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tapestry.masks import DocumentMasks
+from tapestry.models.common.attention import document_attention
 from tapestry.models.mmi.config import MMIConfig, VisionConfig
 from tapestry.models.mmi.mmfs import MMFS, GatedMMFS, pixel_centres
 
@@ -265,12 +267,16 @@ class MMILanguageModel(nn.Module):
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        if isinstance(mask, DocumentMasks):  # a packed training batch: one document at a time
+            out = document_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, memory: ImageMemory | None = None,
                 visible: Tensor | None = None, cache: KVCache | None = None, update_cache: bool = False) -> Tensor:
-        """embeds: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool (S = cached + T);
+        """embeds: [B, T, D]; positions: [B, T]; mask: [B, T, S] bool (S = cached + T), or
+        DocumentMasks of a packed training batch (no cache);
         visible: [B, T, M] which memory images each token may read. Returns final-normed hidden [B, T, D]."""
         model = self.llm.model
         cos, sin = model.rotary_emb(embeds, positions)

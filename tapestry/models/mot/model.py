@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tapestry.masks import DocumentMasks
+from tapestry.models.common.attention import document_attention
 from tapestry.models.common.checkpoint import (
     WEIGHTS_NAME,
     checkpoint_files,
@@ -205,8 +206,9 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    """q: [B, H, N, hd]; k, v: [B, H_kv, K, hd]; mask: bool [N, K] / [B, N, K] (True = attend) or
-    a flex_attention BlockMask. Returns [B, H, N, hd]."""
+    """q: [B, H, N, hd]; k, v: [B, H_kv, K, hd]; mask: bool [N, K] / [B, N, K] (True = attend),
+    DocumentMasks (a packed training batch, no cache) or a flex_attention BlockMask.
+    Returns [B, H, N, hd]."""
     if mask is None:
         raise ValueError("attention needs a mask: build one from the layout's spans")
     if isinstance(mask, Tensor):
@@ -220,27 +222,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
         mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     if isinstance(mask, DocumentMasks):
-        return _document_attention(q, k, v, mask)
+        return document_attention(q, k, v, mask)
     return _flex_attention(q, k, v, mask)
-
-
-def _document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMasks) -> Tensor:
-    # q: [B, H, L, hd]; k, v: [B, H_kv, L, hd]; one SDPA per packed document (no cache here:
-    # documents of a training batch start at key 0 of their own block)
-    if q.shape[2] != mask.length or k.shape[2] != mask.length or len(mask.rows) != q.shape[0]:
-        raise ValueError(
-            f"document masks cover {len(mask.rows)} rows of {mask.length} tokens but there are "
-            f"{q.shape[0]} rows of {q.shape[2]} queries and {k.shape[2]} keys"
-        )
-    rows = []
-    for b, blocks in enumerate(mask.rows):
-        pieces = [
-            F.scaled_dot_product_attention(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
-                                           attn_mask=m[None, None], enable_gqa=True)
-            for s, e, m in blocks
-        ]
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
 
 
 class MoTLayer(nn.Module):
