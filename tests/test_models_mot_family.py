@@ -227,3 +227,41 @@ def test_an_x0_head_gives_the_velocity_of_the_line_through_x_t_and_its_estimate(
     data["latent"]["prediction"] = "epsilon"
     with pytest.raises(ConfigError, match="latent.prediction"):
         MoTConfig.from_dict(data)
+
+
+def _scene_story(cell=0, size="small"):
+    """The story document with its target naming a ToyWorld scene (one entity in `cell`)."""
+    from tapestry.toyworld.spec import Background, Entity, PlacedEntity, Scene
+
+    scene = Scene(Background("plain", ("charcoal",)), (PlacedEntity(Entity("circle", "red", "solid"), cell, size),))
+    doc = story()
+    doc.segments[3].meta = {"toyworld": {"scene": scene.to_dict()}}
+    return doc, scene
+
+
+def test_focus_weight_puts_the_flow_loss_on_the_entity(setup, tokenizer):
+    from tapestry.toyworld.render import entity_mask
+
+    model, layout = setup
+    doc, scene = _scene_story(cell=0)  # upper-left
+    mask = torch.from_numpy(entity_mask(scene, 8, 8))
+    assert mask[0, 0] and not mask[7, 7] and 0 < int(mask.sum()) < 16
+    row = layout_document(doc, tokenizer, layout)
+    plain = prepare_row(row, [doc], layout, AvgPoolCodec(), torch.Generator().manual_seed(1))
+    focused = prepare_row(row, [doc], layout, AvgPoolCodec(), torch.Generator().manual_seed(1), focus_weight=4.0)
+    assert plain.flow_weights == {} and sorted(focused.flow_weights) == [2]  # the noise placement only
+    weights = focused.flow_weights[2]  # [1, 8, 8]
+    assert weights.shape == (1, 8, 8) and abs(float(weights.mean()) - 1.0) < 1e-6
+    inside, outside = weights[0][mask], weights[0][~mask]
+    assert torch.allclose(inside, inside[0]) and torch.allclose(outside, outside[0])
+    assert torch.isclose(inside[0] / outside[0], torch.tensor(5.0))
+    # the same draws either way: only the loss changes, and by the weighted error
+    assert torch.equal(plain.latents[2], focused.latents[2])
+    with torch.no_grad():
+        a, b = training_loss(model, [plain]).flow_loss, training_loss(model, [focused]).flow_loss
+    assert not torch.isclose(a, b)
+    # a target without a scene keeps weight 1 (None), as with focus_weight 0
+    other = story()
+    kept = prepare_row(layout_document(other, tokenizer, layout), [other], layout, AvgPoolCodec(),
+                       torch.Generator().manual_seed(1), focus_weight=4.0)
+    assert kept.flow_weights == {}

@@ -130,3 +130,11 @@ def test_noise_copies_reach_the_layout_and_must_be_positive():
 
     model_config = MoTConfig(llm=LLMConfig(), vit=None, latent=LatentConfig(channels=4)).validate()
     assert layout_for(config, model_config, Codec()).noise_copies == 3
+
+
+def test_focus_weight_is_checked_at_load_against_its_family():
+    assert config_from_data(minimal(), ["data.focus_weight=4"]).data.focus_weight == 4.0
+    with pytest.raises(TrainConfigError, match=r"data.focus_weight: must be >= 0"):
+        config_from_data(minimal(), ["data.focus_weight=-1"])
+    with pytest.raises(TrainConfigError, match=r"data.focus_weight: the mmi family does not weigh"):
+        load_config(CONFIGS / "mmi-tiny.toml", ["data.focus_weight=2"])

@@ -44,7 +44,10 @@ Training
                                 `config` is the model config (sizes the layout does not carry)
     prepare(row, documents, layout, codec, generator, timestep_shift, *, config, tokenizer)
                                 a packed row + its Documents -> the model's inputs (pixels,
-                                noised latents, targets), seeded by `generator`
+                                noised latents, targets), seeded by `generator`; a family
+                                with `supports_focus_weight = True` also takes
+                                `focus_weight=` (train config `data.focus_weight`), passed
+                                only when it is not 0
     codec_pixels(row, documents, layout) -> [Tensor [3, H, W]]
                                 the pixels `prepare` will encode (batched ahead of time)
     loss_parts: tuple[str]      the names of the parts `loss` and `loss_counts` return, in the

@@ -413,3 +413,19 @@ def render_scene_array(scene: Scene, side: int = 64) -> np.ndarray:
 def render_scene(scene: Scene, side: int = 64) -> Image.Image:
     """The scene as a `side` x `side` RGB image; same spec and side -> same pixels."""
     return Image.fromarray(render_scene_array(scene, side), mode="RGB")
+
+
+def entity_mask(scene: Scene, height: int, width: int) -> np.ndarray:
+    """[height, width] bool over a coarse grid laid on the image (a latent grid): True where a
+    grid cell overlaps an entity's box (its centre ± radius, as `entity_box` draws it).
+
+    Training weighs the flow loss there (`data.focus_weight`): an entity covers a few per cent of
+    a scene, so an unweighted loss barely rewards drawing its shape right (issue 20)."""
+    mask = np.zeros((height, width), dtype=bool)
+    for placed in scene.entities:
+        cx, cy = cell_centre(placed.cell, 1.0)
+        r = entity_radius(placed.size, 1.0)
+        x0, x1 = math.floor((cx - r) * width), math.ceil((cx + r) * width)
+        y0, y1 = math.floor((cy - r) * height), math.ceil((cy + r) * height)
+        mask[max(0, y0) : min(height, y1), max(0, x0) : min(width, x1)] = True
+    return mask

@@ -105,6 +105,11 @@ class DataConfig:
     rows: int = 4  # rows per optimizer step, over all processes (the global batch)
     lookahead: int = 512  # tokens of spare candidate documents per step, so rows pack tightly
     timestep_shift: float = 1.0  # flow-matching shift s (1.0 for tiny models, 3.0 at high res)
+    # extra flow-loss weight on the latents of a ToyWorld target's entities (issue 20): a latent
+    # inside an entity's box weighs 1 + focus_weight before each image's weights are scaled to
+    # mean 1, so the loss's scale stays and only moves towards the entities; 0 = off.
+    # Families that take it say so (`supports_focus_weight`).
+    focus_weight: float = 0.0
 
 
 DROPOUT_POLICIES = ("none", "bagel", "illume", "mmi")
@@ -263,6 +268,10 @@ class TrainConfig:
         need(d.rows >= 1, "data.rows", f"must be >= 1, got {d.rows}")
         need(d.lookahead >= 0, "data.lookahead", f"must be >= 0, got {d.lookahead}")
         need(d.timestep_shift > 0, "data.timestep_shift", "must be > 0")
+        need(d.focus_weight >= 0, "data.focus_weight", f"must be >= 0 (0 = off), got {d.focus_weight}")
+        need(not d.focus_weight or getattr(families.get(self.model.family), "supports_focus_weight", False),
+             "data.focus_weight", f"the {self.model.family} family does not weigh its image loss by region; "
+             "leave it at 0")
         need(self.layout.text_loss in ("targets", "all"), "layout.text_loss", "must be targets or all")
         need(len(self.layout.target_size) == 2, "layout.target_size", "must be [height, width]")
         need(self.layout.noise_copies >= 1, "layout.noise_copies", "must be >= 1")

@@ -235,9 +235,11 @@ class Trainer:
         family = self.family
         self.batch_codec.encode_all(codec_pixels(family, [batch.rows[r] for r in mine],
                                                  [batch.documents[r] for r in mine], self.layout))
+        focus = {"focus_weight": config.data.focus_weight} if config.data.focus_weight else {}
         inputs = [family.prepare(batch.rows[r], batch.documents[r], self.layout, self.batch_codec,
                                  torch.Generator().manual_seed(row_seed(config.seed, step, r)),
-                                 config.data.timestep_shift, config=self.model_config, tokenizer=self.tokenizer)
+                                 config.data.timestep_shift, config=self.model_config, tokenizer=self.tokenizer,
+                                 **focus)
                   for r in mine]
         # part -> count over the global batch, in the family's loss_parts order
         totals = loss_totals(family, family.loss_counts(batch.rows, self.model_config))

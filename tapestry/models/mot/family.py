@@ -69,6 +69,7 @@ class RowInputs:
     latents: dict[int, Tensor] = field(default_factory=dict)  # placement -> model input [C, h, w]
     timesteps: dict[int, float] = field(default_factory=dict)  # placement -> t (0 for clean)
     velocity_targets: dict[int, Tensor] = field(default_factory=dict)  # noise placements -> ε − x0
+    flow_weights: dict[int, Tensor] = field(default_factory=dict)  # noise placements -> [1, h, w], mean 1
 
 
 @torch.no_grad()
@@ -79,11 +80,13 @@ def prepare_row(
     vae: Autoencoder | None,
     generator: torch.Generator | None = None,
     timestep_shift: float = 1.0,
+    focus_weight: float = 0.0,
 ) -> RowInputs:
     """Pixels for every image placement of `row`; noised latents and targets for noise spans.
 
     `documents` are the row's Documents in packing order (row.documents[i] is documents[i]).
-    Each image is VAE-encoded once even when it appears as noise and as a clean copy.
+    Each image is VAE-encoded once even when it appears as noise and as a clean copy. With
+    `focus_weight` > 0 a target that names its ToyWorld scene gets flow-loss weights (`focus_map`).
     """
     inputs = RowInputs(row)
     encoded: dict[tuple[int, int], Tensor] = {}
@@ -112,7 +115,26 @@ def prepare_row(
         inputs.latents[n] = interpolate(x0[None], noise[None], t)[0]
         inputs.timesteps[n] = float(t)
         inputs.velocity_targets[n] = velocity_target(x0, noise)
+        if focus_weight:
+            weights = focus_map(segment, x0.shape[-2], x0.shape[-1], focus_weight)
+            if weights is not None:
+                inputs.flow_weights[n] = weights
     return inputs
+
+
+def focus_map(segment, height: int, width: int, focus_weight: float) -> Tensor | None:
+    """[1, height, width] flow-loss weights of a target image whose meta names its ToyWorld scene:
+    1 + focus_weight on latents over an entity, 1 elsewhere, scaled to mean 1 (so the loss keeps
+    its scale and moves towards the entities). None for an image without a scene."""
+    scene = ((segment.meta or {}).get("toyworld") or {}).get("scene")
+    if scene is None:
+        return None
+    from tapestry.toyworld.render import entity_mask
+    from tapestry.toyworld.spec import Scene
+
+    mask = torch.from_numpy(entity_mask(Scene.from_dict(scene), height, width))
+    weights = 1.0 + focus_weight * mask.float()
+    return (weights / weights.mean())[None]
 
 
 def embed_row(model, inputs: RowInputs) -> Tensor:
@@ -163,7 +185,10 @@ def loss_sums(model, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
             x_t = inputs.latents[n][None].to(device)
             t = torch.tensor([inputs.timesteps[n]], device=device)
             predicted = model.latent_velocity(hidden[b : b + 1, placement.start : placement.end], h, w, x_t, t)[0]
-            flow_sum = flow_sum + (predicted.float() - target.to(device)).pow(2).sum()
+            error = (predicted.float() - target.to(device)).pow(2)  # [C, h·p, w·p]
+            if n in inputs.flow_weights:
+                error = error * inputs.flow_weights[n].to(device)
+            flow_sum = flow_sum + error.sum()
     return {"text": text_sum, "flow": flow_sum}
 
 
@@ -592,9 +617,11 @@ class MoTFamily:
                config: MoTConfig | None = None) -> SequenceLayout:
         return layout_document(doc, tokenizer, layout, supervise_text=supervise_text)  # sizes are in `layout`
 
+    supports_focus_weight = True
+
     def prepare(self, row, documents, layout, codec, generator=None, timestep_shift: float = 1.0, *,
-                config: MoTConfig | None = None, tokenizer=None) -> RowInputs:
-        return prepare_row(row, documents, layout, codec, generator, timestep_shift)
+                config: MoTConfig | None = None, tokenizer=None, focus_weight: float = 0.0) -> RowInputs:
+        return prepare_row(row, documents, layout, codec, generator, timestep_shift, focus_weight)
 
     def codec_pixels(self, row, documents, layout) -> list[Tensor]:
         return codec_pixels(row, documents, layout)
