@@ -42,13 +42,14 @@ CASES = {
 # sha256 (first 16 hex digits) over the generated text and the PNG bytes of every generated image
 # of each case, seed 0, everything else the pipeline's defaults. THE ONE PLACE the embedded
 # default's outputs are pinned: update it (and only it) when tapestry/assets/default changes.
-# Re-recorded 2026-12-04 for the issue-20 default: the k4s3 recipe continued 3 000 steps from
-# the 2026-12-03 default (checkpoint changed; generation defaults still cfg 4.5 with shift 3).
+# Re-recorded 2026-12-04 (second session) for the issue-20 default: the k4s3 default continued
+# 2 500 more steps with data.focus_weight = 4 (checkpoint changed; generation defaults still cfg
+# 4.5 with shift 3).
 DEFAULT_GOLDEN = {
-    "readme": "a140a45a15122e68",
-    "howto": "7a49fbb0b5a1838e",
-    "readme-inset": "f895455bf582028e",
-    "readme-bagel": "c48cdd86a53bcc5f",
+    "readme": "519951ed263456f3",
+    "howto": "347508a82ccfb0d4",
+    "readme-inset": "e3f308908d533384",
+    "readme-bagel": "a475db477e8b8548",
 }
 
 # float.hex of the logged `loss` of every step of `loss_curve()` (code only, no checkpoint).
