@@ -265,3 +265,12 @@ def test_focus_weight_puts_the_flow_loss_on_the_entity(setup, tokenizer):
     kept = prepare_row(layout_document(other, tokenizer, layout), [other], layout, AvgPoolCodec(),
                        torch.Generator().manual_seed(1), focus_weight=4.0)
     assert kept.flow_weights == {}
+    # every noisy copy of the target gets the same map
+    from dataclasses import replace
+
+    copies = replace(layout, noise_copies=2)
+    row = layout_document(doc, tokenizer, copies)
+    both = prepare_row(row, [doc], copies, AvgPoolCodec(), torch.Generator().manual_seed(1), focus_weight=4.0)
+    noise = [n for n, p in enumerate(row.images) if p.kind == "noise"]
+    assert len(noise) == 2 and sorted(both.flow_weights) == noise
+    assert all(torch.equal(both.flow_weights[n], weights) for n in noise)

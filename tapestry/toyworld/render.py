@@ -417,7 +417,8 @@ def render_scene(scene: Scene, side: int = 64) -> Image.Image:
 
 def entity_mask(scene: Scene, height: int, width: int) -> np.ndarray:
     """[height, width] bool over a coarse grid laid on the image (a latent grid): True where a
-    grid cell overlaps an entity's box (its centre ± radius, as `entity_box` draws it).
+    grid cell overlaps an entity's square: its centre ± its radius (`entity_box` without its
+    one-pixel margin).
 
     Training weighs the flow loss there (`data.focus_weight`): an entity covers a few per cent of
     a scene, so an unweighted loss barely rewards drawing its shape right (issue 20)."""

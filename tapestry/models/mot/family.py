@@ -90,6 +90,7 @@ def prepare_row(
     """
     inputs = RowInputs(row)
     encoded: dict[tuple[int, int], Tensor] = {}
+    focused: dict[tuple[int, int], Tensor | None] = {}  # one weight map per target, shared by its noise copies
     for n, placement in enumerate(row.images):
         segment = documents[placement.doc].segments[placement.segment]
         if segment.image is None:
@@ -116,9 +117,10 @@ def prepare_row(
         inputs.timesteps[n] = float(t)
         inputs.velocity_targets[n] = velocity_target(x0, noise)
         if focus_weight:
-            weights = focus_map(segment, x0.shape[-2], x0.shape[-1], focus_weight)
-            if weights is not None:
-                inputs.flow_weights[n] = weights
+            if key not in focused:
+                focused[key] = focus_map(segment, x0.shape[-2], x0.shape[-1], focus_weight)
+            if focused[key] is not None:
+                inputs.flow_weights[n] = focused[key]
     return inputs
 
 
