@@ -29,6 +29,14 @@ others wait for it at most `max_wait_s` after the last step joined, then run wit
 batch starts once complete: the step that completes it starts it in its own thread, and a
 generation that goes busy or ends wakes the waiting threads only when that completes theirs.
 
+Two batches may run at once (`lanes = 2`, one per core). When both lanes are free, a complete
+batch is split in two halves (of one step kind each where the counts allow), and a thread of the
+second half runs it; when one lane is busy, the steps of the generations outside it form the next
+batch in the other. Steps inside a running batch count like busy ones: the others do not wait for
+them. At the default's size a denoising forward is already bound by its matmuls at one request,
+so what a batch of sixteen saves over two of eight is small, while a single lane left the second
+core to the calls apart (docs/serve.md has the profile).
+
 Why threads and not a rewritten engine loop: the engine stays one readable generator per
 document, the family keeps its contexts, and a step that has no partner runs as it would alone.
 A family without a batched path (`OneByOne`) still serves concurrent requests correctly.
@@ -53,6 +61,7 @@ class _Step:
     result: Any = None
     error: BaseException | None = None
     done: bool = False
+    hand: "list[_Step] | None" = None  # a batch this step's thread is asked to run (in the other lane)
 
 
 @dataclass
@@ -62,6 +71,7 @@ class BatchStats:
     sizes: dict[int, int] = field(default_factory=dict)  # steps per batch call -> how often
     kinds: dict[str, int] = field(default_factory=dict)  # step kind (text, denoise, image) -> steps served
     timeouts: int = 0  # batches started when the wait ran out, without a generation between calls
+    splits: int = 0  # batches split in two, one half per lane
 
 
 class BatchingRuntime:
@@ -71,9 +81,12 @@ class BatchingRuntime:
     Only threads inside `session()` take part; any other caller runs the runtime directly.
     """
 
-    def __init__(self, runtime, max_wait_s: float = 0.02):
+    def __init__(self, runtime, max_wait_s: float = 0.02, lanes: int = 2):
+        if lanes not in (1, 2):
+            raise ValueError(f"lanes must be 1 or 2, got {lanes}")
         self.runtime = runtime
         self.max_wait_s = max_wait_s
+        self.lanes = lanes
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._active = 0  # live sessions
@@ -81,7 +94,8 @@ class BatchingRuntime:
         self._queued = 0  # of those, waiting for their turn at such a call
         self._pending: list[_Step] = []
         self._last_join = 0.0
-        self._running = False
+        self._running = 0  # batches running (at most `lanes`)
+        self._in_flight = 0  # steps inside them: their generations are not waited for either
         self._local = threading.local()
         self._solo = threading.Lock()
 
@@ -131,8 +145,13 @@ class BatchingRuntime:
     def _wake_if_ready(self) -> None:
         """(Holding the condition.) One generation fewer to wait for: wake the waiters if the
         steps pending now make a batch."""
-        if self._pending and not self._running and len(self._pending) >= self._active - self._busy:
+        if self._pending and self._running < self.lanes and self._complete():
             self._cond.notify_all()
+
+    def _complete(self) -> bool:
+        """(Holding the condition.) Whether the pending steps are every generation's that could
+        join now: the others are busy apart or have a step in a running batch."""
+        return len(self._pending) >= self._active - self._busy - self._in_flight
 
     # -------------------------------------------------------------- the Runtime protocol
     def prefill(self, doc, recompute: bool = False):
@@ -201,25 +220,55 @@ class BatchingRuntime:
             # join made 4.7 wake-ups per step at ~10 live generations, each taking the GIL for
             # nothing; 1.2 without, measured on the default checkpoint.)
             while not step.done:
+                if step.hand is not None:  # the thread that started a split batch gave us half
+                    batch, step.hand = step.hand, None
+                    break
                 deadline = self._last_join + self.max_wait_s
                 now = time.monotonic()
-                if not self._running and step in self._pending:
-                    complete = len(self._pending) >= self._active - self._busy
+                free = self._running < self.lanes
+                if free and step in self._pending:
+                    complete = self._complete()
                     if complete or now >= deadline:
                         self.stats.timeouts += not complete
-                        batch, self._pending, self._running = self._pending, [], True
+                        batch = self._start(step)
                         break
-                self._cond.wait(timeout=max(deadline - now, 0.001) if not self._running else None)
+                self._cond.wait(timeout=max(deadline - now, 0.001) if free else None)
         if batch is not None:
             try:
                 self._run(batch)
             finally:
                 with self._cond:
-                    self._running = False
+                    self._running -= 1
+                    self._in_flight -= len(batch)
                     self._cond.notify_all()
         if step.error is not None:
             raise step.error
         return step.result
+
+    def _start(self, step: _Step) -> list[_Step]:
+        """(Holding the condition.) Take every pending step as a batch; returns the part that
+        `step`'s thread runs. When both lanes are free the batch is split in two halves of one
+        kind each where it can be, and a thread of the other half runs it, on the other core.
+
+        Why split: at the default's size a denoising forward is bound by its matmuls already at
+        one request (two branches, 32 tokens: about 44 GFLOP/s in its linear layers on one core,
+        53 at sixteen), so one batch of sixteen gains little over sixteen forwards, while the
+        second core would idle. Two halves of eight, one per core, cost 1.45 ms per request-step
+        each instead of 1.87 in one forward of sixteen (profiled on the default checkpoint)."""
+        batch, self._pending = self._pending, []
+        parts = [batch]
+        if self.lanes - self._running >= 2 and len(batch) >= 2:
+            batch = sorted(batch, key=lambda s: s.kind)  # halves of one kind where the counts allow
+            half = (len(batch) + 1) // 2
+            parts = [batch[:half], batch[half:]]
+            if step not in parts[0]:
+                parts.reverse()
+            parts[1][0].hand = parts[1]
+            self.stats.splits += 1
+            self._cond.notify_all()
+        self._running += len(parts)
+        self._in_flight += sum(len(p) for p in parts)
+        return parts[0]
 
     def _batch_method(self, name: str):
         """The family's batch method; a runtime written before the batch methods existed (a
@@ -253,13 +302,13 @@ class BatchingRuntime:
                     s.done = True
 
 
-def with_step_batching(pipeline, max_wait_s: float = 0.02):
+def with_step_batching(pipeline, max_wait_s: float = 0.02, lanes: int = 2):
     """A copy of `pipeline` whose engine drives a new `BatchingRuntime` over its runtime.
 
     Returns (pipeline, batching runtime). Generations that should batch together each run in
     their own thread inside `with batcher.session():`; the original pipeline is left as it was.
     """
-    batcher = BatchingRuntime(pipeline.engine.runtime, max_wait_s)
+    batcher = BatchingRuntime(pipeline.engine.runtime, max_wait_s, lanes)
     engine = copy.copy(pipeline.engine)
     engine.runtime = batcher
     out = copy.copy(pipeline)

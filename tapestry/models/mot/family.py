@@ -270,7 +270,7 @@ class MoTRuntime:
         self.model, self.tokenizer, self.codec, self.layout = model.eval(), tokenizer, codec, layout
         self.target_size = tuple(layout.target_size)
         self._batched: tuple | None = None  # (contexts and lengths it was built for, cache, mask, positions)
-        self._batched_rows: tuple | None = None  # the same for denoise_batch's rows of several requests
+        self._batched_rows: tuple = ()  # the same for denoise_batch's rows of several requests (two lanes)
 
     # -- blocks ------------------------------------------------------------------------------
     def _text_block(self, ctx: Context, ids: list[int]) -> Block:
@@ -375,13 +375,14 @@ class MoTRuntime:
     def _batch(self, contexts: dict[str, Context], n: int):
         """One padded cache for all branches, built once per image (reused by every step)."""
         key = tuple((name, id(c), c.cache.length, c.image_position) for name, c in contexts.items()) + (n,)
-        if self._batched is None or self._batched[0] != key:
+        memo = self._batched  # read once: another thread (a second batching lane) may replace it
+        if memo is None or memo[0] != key:
             names = list(contexts)
             cache, lengths = KVCache.batch([contexts[name].cache for name in names])
             mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
             positions = torch.stack([torch.full((n,), contexts[name].image_position) for name in names])
-            self._batched = (key, cache, mask, positions)
-        return self._batched[1:]
+            self._batched = memo = (key, cache, mask, positions)
+        return memo[1:]
 
     # -- batching across requests (tapestry.infer.batching) -----------------------------------
     def append_text_batch(self, items: list[tuple[Context, list[int]]]) -> None:
@@ -478,16 +479,24 @@ class MoTRuntime:
 
     def _batch_rows(self, contexts: list[Context], n: int):
         """One padded cache for these rows, kept while the same contexts keep denoising (the
-        same images' steps); rebuilt when a generation joins or leaves."""
+        same images' steps); rebuilt when a generation joins or leaves. Two are kept: the
+        request batcher may run two batches at once, one per core, each with its own rows."""
         # weak references: a finished or cancelled generation's context is not kept alive here
         key = [(weakref.ref(c), c.cache.length, c.image_position) for c in contexts]
-        memo = self._batched_rows
-        if memo is None or memo[1] != n or len(memo[0]) != len(key) or any(
-                a[0]() is not c or a[1:] != b[1:] for a, b, c in zip(memo[0], key, contexts)):
-            cache, lengths = KVCache.batch([c.cache for c in contexts])
-            mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
-            positions = torch.stack([torch.full((n,), c.image_position) for c in contexts])
-            self._batched_rows = memo = (key, n, cache, mask, positions)
+
+        def fits(memo) -> bool:
+            return memo[1] == n and len(memo[0]) == len(key) and all(
+                a[0]() is c and a[1:] == b[1:] for a, b, c in zip(memo[0], key, contexts))
+
+        memos = self._batched_rows  # read once: the other lane may replace it meanwhile
+        for memo in memos:
+            if fits(memo):
+                return memo[2:]
+        cache, lengths = KVCache.batch([c.cache for c in contexts])
+        mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
+        positions = torch.stack([torch.full((n,), c.image_position) for c in contexts])
+        memo = (key, n, cache, mask, positions)
+        self._batched_rows = (memo,) + memos[:1]
         return memo[2:]
 
     def decode(self, x: Tensor, size: tuple[int, int]) -> Tensor:
