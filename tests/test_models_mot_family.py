@@ -147,6 +147,46 @@ def test_a_packed_document_computes_as_if_alone(setup, tokenizer):
     assert set(packed_row.expert[noise.start : noise.end].tolist()) == {GEN}
 
 
+def test_flow_loss_of_a_batch_gathers_each_target_from_its_own_row(setup, tokenizer):
+    """loss_sums takes every target's tokens in one gather over the flattened batch: the flow sum
+    and its gradients equal the per-target slices of the hidden states of each row."""
+    from tapestry.masks import document_masks
+    from tapestry.models.mot.family import loss_sums
+
+    model, layout = setup
+    a, b = compose("a"), story("b")
+    ra, rb = layout_document(a, tokenizer, layout), layout_document(b, tokenizer, layout)
+    budget = ra.length + rb.length + 5
+    batch = [prepare_row(concat_layouts(pair, tokenizer.pad_id, budget=budget), docs, layout, AvgPoolCodec(),
+                         torch.Generator().manual_seed(3))
+             for pair, docs in (([ra, rb], [a, b]), ([rb, ra], [b, a]))]
+    assert sum(len(inputs.velocity_targets) for inputs in batch) >= 4  # targets in both rows, at other places
+
+    def by_slices():
+        rows = [inputs.row for inputs in batch]
+        embeds = torch.stack([embed_row(model, inputs) for inputs in batch])
+        hidden = model(embeds, torch.stack([r.expert for r in rows]), torch.stack([r.position_ids for r in rows]),
+                       document_masks([r.spans for r in rows]))
+        total = 0.0
+        for i, inputs in enumerate(batch):
+            for n, target in inputs.velocity_targets.items():
+                p = inputs.row.images[n]
+                v = model.latent_velocity(hidden[i : i + 1, p.start : p.end], *p.grid, inputs.latents[n][None],
+                                          torch.tensor([inputs.timesteps[n]]))[0]
+                total = total + (v - target).pow(2).sum()
+        return total
+
+    grads = []
+    for compute in (lambda: loss_sums(model, batch)["flow"], by_slices):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        grads.append((value.detach(), model.latent_out.weight.grad.clone(), model.layers[0].gen.v_proj.weight.grad.clone()))
+    model.zero_grad()
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def _trained_velocity_and_runtime_velocity(model, layout, tokenizer):
     """One compose document's target velocity computed twice: by the training path (a whole
     row, dense mask, the loss's head) and by the inference runtime (prefill of the prompt, BOI,

@@ -107,6 +107,9 @@ def train(
     progress = Progress(TextColumn("[bold]train AE"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), disable=quiet)
+    from tapestry.allocator import keep_freed_memory
+
+    keep_freed_memory()
     started = time.perf_counter()
     with progress:
         task = progress.add_task("train", total=steps, loss=float("nan"))

@@ -77,10 +77,12 @@ def train_command(
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this global step (a checkpoint is written there); --resume continues."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even if it holds files training did not write."),
 ) -> None:
+    from tapestry.allocator import keep_freed_memory
     from tapestry.errors import TapestryError
     from tapestry.train.config import load_config
     from tapestry.train.loop import train
 
+    keep_freed_memory()
     try:
         cfg = load_config(config, list(set_ or []))
         summary = train(cfg, out, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)

@@ -298,6 +298,9 @@ def pretrain(
     # references are drawn at the side the training data renders targets at
     vit_config, side = train_config.model.arch.vit, train_config.layout.target_size[0]
     settings = EncoderPretrainConfig(side=side, train_images=images, val_images=val, steps=steps, seed=seed, threads=threads)
+    from tapestry.allocator import keep_freed_memory
+
+    keep_freed_memory()
     if quiet:
         report = run(vit_config, settings, out)
     else:
