@@ -138,13 +138,42 @@ def _concurrently(batched_pipeline, batcher, jobs):
     return results
 
 
+class _MeetAfterPrefill:
+    """The wrapped runtime, except that each generation's first `next_text` (the engine's first
+    call after its prefill, between two batched calls) waits until every generation made it.
+
+    Prefills run one at a time, so without this the first generation out finds the others busy
+    and runs its steps alone in a free lane, and whether steps ever meet after that is up to the
+    scheduler (on a loaded CI machine 65 of 66 batch calls held one step). Here every
+    generation's first step is pending before any batch starts, so the first batch holds the
+    steps of all generations not busy apart (at least the two unguided ones) and, with both
+    lanes free, is split; what follows runs as the scheduler has it."""
+
+    def __init__(self, runtime, generations: int):
+        self._runtime = runtime
+        self._all_prefilled = threading.Barrier(generations, timeout=60)
+        self._local = threading.local()
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+    def next_text(self, context):
+        if not getattr(self._local, "met", False):
+            self._local.met = True
+            self._all_prefilled.wait()
+        return self._runtime.next_text(context)
+
+
 def test_concurrent_generations_with_guidance_equal_alone(pipeline):
     jobs = [(PROMPTS[i], {"seed": 3 + i, "steps": 3, "guidance": "cfg" if i % 2 else "none",
                           "guidance_scales": {"scale": 2.0} if i % 2 else {}}) for i in range(len(PROMPTS))]
     alone = [pipeline.generate(p, **o) for p, o in jobs]
-    batched, batcher = with_step_batching(pipeline, max_wait_s=0.05)
+    # a wait long enough that the first batch never starts without a generation between calls
+    batched, batcher = with_step_batching(pipeline, max_wait_s=60.0)
     assert isinstance(batched.engine.runtime, BatchingRuntime) and pipeline.engine.runtime is batcher.runtime
+    batcher.runtime = _MeetAfterPrefill(batcher.runtime, len(jobs))
     together = _concurrently(batched, batcher, jobs)
+    assert batcher.stats.timeouts == 0
     assert batcher.stats.rows > batcher.stats.forwards  # steps of several requests shared calls
     assert max(batcher.stats.sizes) >= 2
     assert batcher.stats.splits > 0  # and batches ran in two halves, one per lane
