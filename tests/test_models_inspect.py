@@ -226,7 +226,10 @@ def test_untied_qwen_folder_without_lm_head_says_why_in_one_line(duet_folders, t
     assert result.exit_code == 1 and hint[0] in result.output
 
 
-def test_mmi_checkpoint_and_published_components_from_headers(tmp_path, no_tensor_reads):
+@pytest.fixture
+def mmi_folders(tmp_path):
+    """Written before `no_tensor_reads` patches safetensors: the writers import transformers,
+    which binds `safe_open` at import and would keep the refusing stand-in for later tests."""
     from test_models_mmi_convert import base_config, write_clip, write_llama, write_sd21
 
     from tapestry.models.mmi.model import MMIModel
@@ -234,7 +237,11 @@ def test_mmi_checkpoint_and_published_components_from_headers(tmp_path, no_tenso
     clip, llama, unet = (write_clip(tmp_path / "clip"), write_llama(tmp_path / "vicuna"), write_sd21(tmp_path / "sd"))
     torch.manual_seed(0)
     MMIModel(base_config()).save_pretrained(tmp_path / "mmi")
+    return clip, llama, unet
 
+
+def test_mmi_checkpoint_and_published_components_from_headers(tmp_path, mmi_folders, no_tensor_reads):
+    clip, llama, unet = mmi_folders
     report = inspect_checkpoint(tmp_path / "clip")
     assert (report["family"], report["layout"], report["ok"]) == ("mmi", "clip", True), report["errors"]
     assert report["parameters"]["by_component"]["vision_model"] == sum(v.numel() for v in clip.values())

@@ -147,3 +147,53 @@ def test_gate_zero_is_identity_bitwise_and_gate_opens_with_training():
     assert torch.equal(y, x)
     y.square().sum().backward()
     assert layer.gate.grad is not None and layer.gate.grad.abs() > 0  # α learns from step one
+
+
+def eq4_over_every_image(mod, x, values, visible, reference, image_index):
+    """MMFS by the paper's formula taken literally: every token against every image of the row,
+    the images it may not read masked out of the softmax, sampled by `deform_sample` (the
+    module computes only the visible pairs; the two must agree)."""
+    b, t, _ = x.shape
+    m = values[0].shape[1]
+    h, lv, k = mod.heads, mod.levels, mod.points
+    q = mod.query(x)[:, :, None] + mod.image_embed(image_index)[:, None]  # q(m): [B, T, M, D]
+    offsets = mod.offsets(q).view(b, t, m, h, lv, k, 2).transpose(2, 3)  # [B, T, H, M, L, K, 2] in pixels
+    logits = mod.logits(q).view(b, t, m, h, lv * k).masked_fill(~visible[..., None, None], float("-inf"))
+    flat = torch.cat([logits.transpose(2, 3).reshape(b, t, h, m * lv * k), mod.null_logit(x).view(b, t, h, 1)], -1)
+    weights = flat.softmax(-1)[..., :-1].view(b, t, h, m, lv, k)
+    sizes = torch.tensor([[v.shape[-2], v.shape[-3]] for v in values], dtype=x.dtype)  # [L, (w, h)]
+    locations = reference[:, :, None, None, None, None, :] + offsets / sizes[:, None, :]
+    return mod.out(deform_sample(values, locations, weights).reshape(b, t, -1))
+
+
+def test_visible_pairs_only_equal_every_image_masked_value_and_gradients():
+    # two rows packed with two documents each, as in training: a token sees only the earlier
+    # images of its own document, some tokens none; image indices restart per document
+    torch.manual_seed(3)
+    mod = MMFS(dim=16, feature_dim=12, heads=4, levels=3, points=2, max_images=4).double()
+    with torch.no_grad():
+        mod.logits.weight.normal_(0, 0.5)
+        mod.offsets.weight.normal_(0, 0.5)
+    feats = [torch.randn(2 * 5, 12, s, s, dtype=torch.float64) for s in (8, 4, 2)]
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    reference = torch.rand(2, 9, 2, dtype=torch.float64)
+    image_index = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+    visible = torch.zeros(2, 9, 5, dtype=torch.bool)
+    visible[0, 2:5, :1], visible[0, 5, :3], visible[0, 7:, 3:5] = True, True, True
+    visible[1, 1:3, :1], visible[1, 4:, 1:4] = True, True
+
+    def both():
+        values = [v.view(2, 5, *v.shape[1:]) for v in mod.values(feats)]
+        return (mod(x, values, visible, reference, image_index),
+                eq4_over_every_image(mod, x, values, visible, reference, image_index))
+
+    ours, want = both()
+    torch.testing.assert_close(ours, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ours[0, :2], torch.zeros(2, 16)) and ours[1, 3].abs().sum() == 0  # see no image
+    grads = [torch.autograd.grad(out.square().sum(), [x, *mod.parameters()], allow_unused=True, retain_graph=True)
+             for out in (ours, want)]
+    for a, b in zip(*grads):
+        if a is None or b is None:
+            assert a is None and b is None or (a if b is None else b).abs().sum() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
