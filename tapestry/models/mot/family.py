@@ -386,11 +386,7 @@ class MoTRuntime:
         key = tuple((name, id(c), c.cache.length, c.image_position) for name, c in contexts.items()) + (n,)
         memo = self._batched  # read once: another thread (a second batching lane) may replace it
         if memo is None or memo[0] != key:
-            names = list(contexts)
-            cache, lengths = KVCache.batch([contexts[name].cache for name in names])
-            mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
-            positions = torch.stack([torch.full((n,), contexts[name].image_position) for name in names])
-            self._batched = memo = (key, cache, mask, positions)
+            self._batched = memo = (key, *_padded_rows(list(contexts.values()), n))
         return memo[1:]
 
     # -- batching across requests (tapestry.infer.batching) -----------------------------------
@@ -501,10 +497,7 @@ class MoTRuntime:
         for memo in memos:
             if fits(memo):
                 return memo[2:]
-        cache, lengths = KVCache.batch([c.cache for c in contexts])
-        mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
-        positions = torch.stack([torch.full((n,), c.image_position) for c in contexts])
-        memo = (key, n, cache, mask, positions)
+        memo = (key, n, *_padded_rows(contexts, n))
         self._batched_rows = (memo,) + memos[:1]
         return memo[2:]
 
@@ -512,6 +505,15 @@ class MoTRuntime:
         # x: [1, rows, cols, p·p·C] -> pixels [1, 3, rows·cell, cols·cell]
         _, rows, cols, _ = x.shape
         return self.codec.decode(unpatchify(x.flatten(1, 2), self.layout.latent_patch, rows, cols))
+
+
+def _padded_rows(contexts: list[Context], n: int) -> tuple[KVCache, Tensor, Tensor]:
+    """The caches of contexts denoising an image of n tokens, right-padded into one batch:
+    (cache, mask [R, n, C_max + n] hiding the padding, positions [R, n] at each image's place)."""
+    cache, lengths = KVCache.batch([c.cache for c in contexts])
+    mask = batched_step_mask([step_mask(c, n, "full") for c in lengths], lengths)
+    positions = torch.stack([torch.full((n,), c.image_position) for c in contexts])
+    return cache, mask, positions
 
 
 # ---------------------------------------------------------------------------------------------
