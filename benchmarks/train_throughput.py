@@ -11,6 +11,11 @@ The autoencoder is a ToyAutoencoder of the default architecture with random weig
 config's trained one is absent: the same compute per step, which is all that is measured here.
 
     python benchmarks/train_throughput.py [--quick] [--config configs/toyworld-default.toml]
+        [--variants plain] [--keep-freed-memory]
+
+Without --keep-freed-memory the steps run on glibc's default allocator settings, which cost
+about 11 % of a step on the default recipe (tapestry/allocator.py); `tapestry train` applies
+them, so give the flag (with one variant) for the speed a training run sees.
 """
 
 from __future__ import annotations
@@ -71,7 +76,15 @@ def measure(trainer, config, warmup: int, steps: int) -> tuple[float, float, int
 def main(argv=None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv, extra=lambda p: (
         p.add_argument("--config", default="configs/toyworld-default.toml"),
-        p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))))
+        p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)),
+        p.add_argument("--keep-freed-memory", action="store_true",
+                       help="the allocator settings `tapestry train` applies (tapestry/allocator.py): "
+                            "its step speed; peak_rss then keeps earlier variants' heap, so run one variant")))
+    kept = False
+    if args.keep_freed_memory:
+        from tapestry.allocator import keep_freed_memory
+
+        kept = keep_freed_memory()
     warmup, steps = (2, 3) if args.quick else (3, 10)
     from tapestry.train.config import load_config
 
@@ -98,7 +111,7 @@ def main(argv=None) -> None:
             log(f"{name}: {warmup} warm-up + {steps} timed steps of {config.data.rows} x {config.data.budget} tokens")
             speed, peak, tokens = measure(trainer, config, warmup, steps)
             cfg = {"variant": name, "rows": config.data.rows, "budget": config.data.budget, "steps": steps,
-                   "threads": torch.get_num_threads(), "config": args.config,
+                   "threads": torch.get_num_threads(), "config": args.config, "keep_freed_memory": kept,
                    "parameters": sum(p.numel() for p in trainer.build(config.stages[0]).model.parameters())}
             figure(BENCH, "tokens_per_s", speed, "tokens/s", None, True, cfg)
             figure(BENCH, "peak_rss_mib", peak, "MiB", None, False, cfg)
