@@ -279,7 +279,7 @@ def loss_sums(model: MMIModel, batch: Sequence[RowInputs]) -> dict[str, Tensor]:
         dropped = torch.tensor([info.dropped for _, info in targets], device=device)[:, None, None]
         cond = torch.where(dropped, model.decoder.negative_condition(k).to(cond.dtype), cond)
         rows_of = torch.tensor([r for r, _ in targets], device=device)
-        dec_memory = ImageMemory([f[rows_of] for f in memory.features], memory.index[rows_of])
+        dec_memory = ImageMemory(memory.features, memory.index, rows=rows_of)  # each row's images projected once
         dec_visible = torch.zeros(k, memory.count, dtype=torch.bool, device=device)
         for n, (r, info) in enumerate(targets):
             doc = rows[r].images[info.placement].doc
@@ -504,15 +504,14 @@ class MMIRuntime(families.OneByOne):
         memory, count = self._memory(cond_ctx)  # every branch reads the images before the target
         visible = None
         if memory is not None:
-            memory = ImageMemory([f.expand(b, *f.shape[1:]) for f in memory.features], memory.index.expand(b, -1))
+            memory.rows = torch.zeros(b, dtype=torch.long, device=x.device)  # every branch reads the one set
             visible = torch.ones(b, count, dtype=torch.bool, device=x.device)
         steps = torch.full((b,), tau, device=x.device, dtype=torch.float32)
         if batched:
             pred = model.decoder(latents.expand(b, -1, -1, -1), steps, conds, memory, visible)
         else:
             pred = torch.cat([model.decoder(latents, steps[i : i + 1], conds[i : i + 1],
-                                            None if memory is None else ImageMemory(
-                                                [f[i : i + 1] for f in memory.features], memory.index[i : i + 1]),
+                                            None if memory is None else ImageMemory(memory.features, memory.index),
                                             None if visible is None else visible[i : i + 1])
                               for i in range(b)])
         xs = latents.expand(b, -1, -1, -1)

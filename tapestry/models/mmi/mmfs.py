@@ -165,18 +165,19 @@ class MMFS(nn.Module):
         return out
 
     def forward(self, x: Tensor, values: list[Tensor], visible: Tensor, reference: Tensor | None = None,
-                image_index: Tensor | None = None) -> Tensor:
-        """x: [B, T, D] queries; values[l]: [B, M, H, h_l, w_l, Dh] (from `values`, per image);
+                image_index: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+        """x: [B, T, D] queries; values[l]: [N, M, H, h_l, w_l, Dh] (from `values`, per image);
         visible: [B, T, M] bool; reference: [B, T, 2] (x, y) in [0, 1], default the centre;
-        image_index: [B, M] long, the embedding row of each image (default 0..M-1).
+        image_index: [N, M] long, the embedding row of each image (default 0..M-1); rows: [B]
+        long, the image set each query row reads (default: row b reads set b, N = B).
         Returns f_o: [B, T, D] (zero for a token that sees no image)."""
         b, t, _ = x.shape
-        m = values[0].shape[1]
+        n, m = values[0].shape[:2]
         h, lv, k = self.heads, self.levels, self.points
         if m == 0:
             return torch.zeros_like(x)  # what every masked slot gives too (no output bias)
         if image_index is None:
-            image_index = torch.arange(m, device=x.device).expand(b, m)
+            image_index = torch.arange(m, device=x.device).expand(n, m)
         if int(image_index.max()) >= self.max_images:
             raise ValueError(f"MMFS was built for at most {self.max_images} images per document")
         if reference is None:
@@ -184,23 +185,24 @@ class MMFS(nn.Module):
         # q(m) = Wq·f + PosEmbed(m) is linear, so W·q(m) = W·Wq·f + W·PosEmbed(m): the
         # projections run once per token and once per image instead of per (token, image) pair.
         qx = self.query(x)  # [B, T, D]
-        embed = self.image_embed(image_index)  # [B, M, D]
+        embed = self.image_embed(image_index)  # [N, M, D]
         # Only the (token, image) pairs the token may read are computed. A packed training row
         # holds many documents (35 images in a 1024-token row of the ToyWorld mixture) while a
         # token sees the few earlier images of its own document: computing every image and
         # masking made 96 % of the samples zero-weight reads, and MMFS ~97 % of a training step.
         pair_b, pair_t, pair_m = visible.nonzero(as_tuple=True)  # [P] each, in (b, t, m) order
         token = pair_b * t + pair_t  # [P]: the query row each pair reads for
+        pair_n = pair_b if rows is None else rows[pair_b]  # [P]: the image set it reads from
         offsets = (self.offsets(qx).view(b * t, h, lv, k, 2)[token]
-                   + F.linear(embed, self.offsets.weight).view(b, m, h, lv, k, 2)[pair_b, pair_m])  # [P, H, L, K, 2]
+                   + F.linear(embed, self.offsets.weight).view(n, m, h, lv, k, 2)[pair_n, pair_m])  # [P, H, L, K, 2]
         logits = (self.logits(qx).view(b * t, h, lv * k)[token]
-                  + F.linear(embed, self.logits.weight).view(b, m, h, lv * k)[pair_b, pair_m])  # [P, H, L·K]
+                  + F.linear(embed, self.logits.weight).view(n, m, h, lv * k)[pair_n, pair_m])  # [P, H, L·K]
         null = self.null_logit(x).view(b * t, h)
         weights = _pair_softmax(logits, null, token).view(-1, h, lv, k)  # [P, H, L, K]
         # the sampling points in pixels of each level directly: the reference point's pixel
         # coordinate plus the offset (location·size − ½ of the [0, 1] convention)
         reference = reference.reshape(b * t, 2)[token]  # [P, 2]
-        image = pair_b * m + pair_m  # [P]: the image's row in the flattened [B·M, ...] maps
+        image = pair_n * m + pair_m  # [P]: the image's row in the flattened [N·M, ...] maps
         read = None
         for level, value in enumerate(values):
             height, width = value.shape[-3:-1]

@@ -165,8 +165,11 @@ class ImageEncoder(nn.Module):
 class ImageMemory:
     """Multi-scale maps of the images a batch can read; each MMFS projects them once."""
 
-    features: list[Tensor]  # per level [B, M, C_f, h_l, w_l]
-    index: Tensor  # [B, M] long: the image-index embedding row of each image (its place in its document)
+    features: list[Tensor]  # per level [N, M, C_f, h_l, w_l]
+    index: Tensor  # [N, M] long: the image-index embedding row of each image (its place in its document)
+    # [B] long: the memory row each query row reads (the decoder's targets read their training
+    # row's images, and guidance branches one image set); None: query row b reads row b
+    rows: Tensor | None = None
     _values: dict[int, list[Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -364,7 +367,7 @@ class ImageDecoder(nn.Module):
             q = q.flatten(2).transpose(1, 2) + (base + self.query_level[r])[:, None]  # [B, hr·wr, D_m]
             ref = pixel_centres(hr, wr).to(x_t)[None].expand(b, -1, -1)
             vis = visible[:, None, :].expand(b, hr * wr, visible.shape[1])
-            out = mmfs(q, memory.values_for(mmfs), vis, ref, memory.index)
+            out = mmfs(q, memory.values_for(mmfs), vis, ref, memory.index, memory.rows)
             reads.append(out.transpose(1, 2).reshape(b, -1, hr, wr))
         down = tuple(conv(reads[r]) for conv, (_, r) in zip(self.zero_convs, self.specs))
         return down, self.mid_zero(reads[-1])
