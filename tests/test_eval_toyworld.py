@@ -195,3 +195,36 @@ def test_bootstrap_covers_the_mean_of_real_scores(tmp_path):
         assert lo <= block["mean"] <= hi and hi - lo > 0
     scores = [json.loads(x)["total"] for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
     assert summary["overall"]["mean"] == round(float(np.mean(scores)), 4)
+
+
+def test_compare_ablation_pairs_samples_by_task_and_references(tmp_path):
+    out = tmp_path / "c"
+    result = runner.invoke(app, ["eval", "ablation", "compare", "--a", "oracle", "--b", "copy-reference",
+                                 "--names", "oracle,copy", "--n", "3", "--tasks", "compose,edit", "--out", str(out),
+                                 "--json", "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    table = data["by_references"]
+    scores = {name: [json.loads(x) for x in (out / name / "scores.jsonl").read_text().splitlines()]
+              for name in ("oracle", "copy")}
+    n = len(scores["oracle"])
+    assert n == 12 and table["all"]["oracle_minus_copy"]["graded"]["n"] == n  # 3 scenes x 2 layouts x 2 tasks
+    assert table["all"]["oracle"]["exact"]["mean"] == 1.0 and data["oracle"]["mean"] > data["copy"]["mean"]
+    # each sample sits in exactly one "<task> <references>" row, with its own count of references
+    rows = {k: v for k, v in table.items() if k != "all"}
+    assert sum(v["oracle"]["graded"]["n"] for v in rows.values()) == n
+    for r in scores["copy"]:
+        label = f"{r['task']} {r['references']}" if r["references"] else r["task"]
+        assert label in rows
+    want = np.mean([a["total"] - b["total"] for a, b in zip(scores["oracle"], scores["copy"])])
+    assert data["oracle_minus_copy"]["mean"] == pytest.approx(want, abs=1e-4)
+    report = (out / "report.md").read_text()
+    assert "| all | 12 |" in report and (out / "compare.png").is_file() and (out / "compare_exact.png").is_file()
+
+
+@pytest.mark.parametrize("names", ["mmfs", "same,same", "a b,c"])
+def test_compare_ablation_refuses_bad_names(tmp_path, names):
+    result = runner.invoke(app, ["eval", "ablation", "compare", "--a", "oracle", "--b", "copy-reference",
+                                 "--names", names, "--n", "1", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "--names" in result.output, result.output
+    assert not (tmp_path / "c").exists()  # refused before any work

@@ -9,6 +9,10 @@
                 same scenes in both layouts through that one model (what the layout alone is
                 worth to a model trained on both).
     references  Inset's ViT-only vs ViT+VAE references: one checkpoint of each, same scenes.
+    compare     any two checkpoints that differ in one switch (MM-Interleaved's with vs without
+                MMFS, DuetGen's all-layer vs last-layer connector), on the same samples: per
+                task and number of reference images (1-4), graded and exact, each with its CI,
+                and the difference A - B paired by sample with its own bootstrap CI.
     guidance    ILLUME-X's γ_txt/γ_img table (or any rule's scales): one run per grid point, plus
                 the unguided run as the reference row; score vs scale plotted per task.
 
@@ -173,6 +177,75 @@ def references(config: ToyWorldEvalConfig, vit: str, vae: str, out: Path, comman
     record = {"command": command, "tapestry": json.loads((out / "vit" / "run.json").read_text())["tapestry"],
               "settings": {"checkpoint": f"vit={vit} vit_vae={vae}", "seed": config.seed, "split": config.split}}
     return _write(out, "Ablation: references (Inset ViT-only vs ViT+VAE)", record, lines, result)
+
+
+def _by_sample(r: dict) -> str:
+    return r["id"]
+
+
+def compare_table(a: list[dict], b: list[dict], names: tuple[str, str], n_boot: int, seed: int) -> dict[str, dict]:
+    """Rows "<task> <references>" (a task's samples with that many reference images; tasks with
+    none get one row "<task>"), then "all": each model's graded and exact {n, mean, ci95} and
+    the paired differences A - B (key "<A>_minus_<B>")."""
+    def part(items: list[dict], field: str) -> dict:
+        return mean_ci([float(r[field]) for r in items if r.get(field) is not None], n_boot, seed)
+
+    groups: dict[str, tuple[list[dict], list[dict]]] = {}
+    for task, count in sorted({(r["task"], r.get("references") or 0) for r in a + b}):
+        def pick(items, task=task, count=count):
+            return [r for r in items if r["task"] == task and (r.get("references") or 0) == count]
+        groups[f"{task} {count}" if count else task] = (pick(a), pick(b))
+    groups["all"] = (a, b)
+    first, second = names
+    table = {}
+    for label, (x, y) in groups.items():
+        table[label] = {first: {"graded": part(x, "total"), "exact": part(x, "exact")},
+                        second: {"graded": part(y, "total"), "exact": part(y, "exact")},
+                        f"{first}_minus_{second}": {
+                            "graded": paired_difference_of(x, y, _by_sample, "total", n_boot, seed),
+                            "exact": paired_difference_of(x, y, _by_sample, "exact", n_boot, seed)}}
+    return table
+
+
+def compare(config: ToyWorldEvalConfig, a: str, b: str, names: tuple[str, str], out: Path, command: list[str],
+            progress=None, overwrite: bool = False) -> dict:
+    """Two checkpoints on the same samples (see the module docstring); `names` label them."""
+    first, second = names
+    if first == second or any(not n.replace("-", "_").isidentifier() for n in names):
+        raise EvalError(f"--names: two different names of letters, digits, '-' or '_', got {first!r} and {second!r}")
+    claim_output_dir(out, ABLATION_WRITER, overwrite)
+    runs = {label: run_toyworld(dataclasses.replace(config, checkpoint=checkpoint), out / label, command,
+                                progress=progress)
+            for label, checkpoint in ((first, a), (second, b))}
+    table = compare_table(_scores(out / first), _scores(out / second), names, config.bootstrap, config.seed)
+    diff = f"{first}_minus_{second}"
+    result = {"ablation": "compare", "models": {first: a, second: b}, first: table["all"][first]["graded"],
+              second: table["all"][second]["graded"], diff: table["all"][diff]["graded"], "by_references": table,
+              "tasks": {label: summary["layouts"] for label, summary in runs.items()}}
+    for metric in ("graded", "exact"):
+        rows = [(f"{label} {name}", row[name][metric]["mean"], row[name][metric]["ci95"])
+                for label, row in table.items() for name in names]
+        plot_bars(rows, out / ("compare.png" if metric == "graded" else "compare_exact.png"),
+                  f"{first} vs {second}: {metric}", ylabel="exact rate" if metric == "exact" else "judge score")
+    records = {label: json.loads((out / label / "run.json").read_text()) for label in names}
+    record = {"command": command, "tapestry": records[first]["tapestry"],
+              "settings": {"checkpoint": f"{first}={a} {second}={b}",
+                           "checkpoint_hash": " ".join(f"{label}={records[label]['settings']['checkpoint_hash']}"
+                                                       for label in names),
+                           "benchmark": records[first]["settings"]["benchmark"], "split": config.split,
+                           "seed": config.seed, "side": config.side}}
+    lines = [f"{first}: `{a}`; {second}: `{b}`; tasks: {', '.join(config.tasks)}. Rows: a task's samples by "
+             "their number of reference images, then all samples. Cells: mean [95 % bootstrap CI]; "
+             "differences are paired by sample.", "",
+             f"| samples | n | {first} graded | {second} graded | {first} − {second} graded | {first} exact | "
+             f"{second} exact | {first} − {second} exact |", "|---|---|---|---|---|---|---|---|"]
+    for label, row in table.items():
+        lines.append(f"| {label} | {row[first]['graded']['n']} | {_cell(row[first]['graded'])} | "
+                     f"{_cell(row[second]['graded'])} | {_cell(row[diff]['graded'])} | {_cell(row[first]['exact'])} | "
+                     f"{_cell(row[second]['exact'])} | {_cell(row[diff]['exact'])} |")
+    lines += ["", "![graded](compare.png) ![exact](compare_exact.png)", "",
+              f"Per-sample scores: `{first}/scores.jsonl`, `{second}/scores.jsonl`."]
+    return _write(out, f"Ablation: {first} vs {second}", record, lines, result)
 
 
 def guidance_grid(grid: dict[str, list[float]]) -> list[dict[str, float]]:

@@ -233,6 +233,50 @@ def ablation_references(
     _print_ablation(result, json_output, out)
 
 
+@ablation_app.command("compare")
+def ablation_compare(
+    ctx: typer.Context,
+    a: str = typer.Option(..., "--a", help="The first checkpoint (e.g. trained with MMFS)."),
+    b: str = typer.Option(..., "--b", help="The second, which differs from it in one switch."),
+    names: str = typer.Option("a,b", help="Labels of the two, comma-separated (mmfs,no_mmfs)."),
+    split: str = typer.Option("test", help="test | val."),
+    n: Optional[int] = typer.Option(None, "--n", help="First N scenes of each task."),
+    tasks: str = typer.Option("compose,story,edit", help="Comma-separated tasks."),
+    layouts: str = typer.Option("inline,image-first,interleaved", help="Comma-separated layouts."),
+    side: int = typer.Option(64, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Generation and bootstrap seed."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples."),
+    out: Path = typer.Option(..., "--out", "-o", help="Ablation folder (resumable)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Two checkpoints that differ in one switch, on the same samples, by task and number of references.
+
+    For the papers' ablations at equal budget: MM-Interleaved's MMFS (with vs without) and
+    DuetGen's connector (all layers vs the last). Graded and exact per row with CIs, and the
+    difference A - B paired by sample.
+
+    Example:
+
+        tapestry eval ablation compare --a runs/mmi-toyworld/export --b runs/mmi-toyworld-nommfs/export --names mmfs,no_mmfs --out runs/ablation/mmfs
+    """
+    from tapestry.eval import ablation
+
+    labels = tuple(x.strip() for x in names.split(","))
+    if len(labels) != 2:
+        raise _fail(f"--names: two labels, comma-separated (mmfs,no_mmfs), got {names!r}")
+    try:
+        config = _config(a, split, n, tasks, layouts, side, seed, steps, bootstrap)
+        _config(b, split, n, tasks, layouts, side, seed, steps, bootstrap)
+    except TapestryError as e:
+        raise _fail(str(e)) from None
+    result = _run(lambda p: ablation.compare(config, a, b, labels, out, _command(ctx), p, overwrite=overwrite),
+                  quiet or json_output, "compare")
+    _print_ablation(result, json_output, out)
+
+
 @ablation_app.command("guidance")
 def ablation_guidance(
     ctx: typer.Context,
