@@ -131,8 +131,9 @@ def test_tokens_that_see_no_image_read_exactly_zero_as_with_no_images_at_all():
     with torch.no_grad():
         out = mod(x, [v[None] for v in mod.values(feats)], visible)
         none = mod(x, [v[None, :0] for v in mod.values(feats)], visible[:, :, :0])
+        unseen = mod(x, [v[None] for v in mod.values(feats)], torch.zeros_like(visible))  # images, none visible
     assert torch.equal(out[0, :2], torch.zeros(2, 16))
-    assert torch.equal(none, torch.zeros_like(x))
+    assert torch.equal(none, torch.zeros_like(x)) and torch.equal(unseen, torch.zeros_like(x))
     assert out[0, 2].abs().sum() > 0
 
 

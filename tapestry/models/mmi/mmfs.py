@@ -191,6 +191,8 @@ class MMFS(nn.Module):
         # token sees the few earlier images of its own document: computing every image and
         # masking made 96 % of the samples zero-weight reads, and MMFS ~97 % of a training step.
         pair_b, pair_t, pair_m = visible.nonzero(as_tuple=True)  # [P] each, in (b, t, m) order
+        if pair_b.numel() == 0:
+            return torch.zeros_like(x)  # no token sees an image: what the null slot gives each
         token = pair_b * t + pair_t  # [P]: the query row each pair reads for
         pair_n = pair_b if rows is None else rows[pair_b]  # [P]: the image set it reads from
         offsets = (self.offsets(qx).view(b * t, h, lv, k, 2)[token]
@@ -210,8 +212,6 @@ class MMFS(nn.Module):
             pixels = ref[:, None, None, :] + offsets[:, :, level]  # [P, H, K, 2]
             term = _gather_pairs(value, pixels, weights[:, :, level], image)  # [P, H·Dh]
             read = term if read is None else read + term
-        if read is None or read.shape[0] == 0:
-            return torch.zeros_like(x)  # no token sees an image: what the null slot gives each
         summed = read.new_zeros(b * t, read.shape[1]).index_add_(0, token, read)  # over each token's images
         return self.out(summed.view(b, t, -1))  # [B, T, D]
 
